@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (if needed), lint, and run the whole test suite. CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/python -m pytest "$@"

@@ -1,0 +1,175 @@
+"""The `passuntil` command line: thin wiring over the library.
+
+    passuntil eval --task sim-scaling --series sim --store runs.sqlite --k 2 --max-samples 10000
+    passuntil show runs.sqlite
+    passuntil export runs.sqlite --out results.parquet
+    passuntil demo
+
+Every error a user can cause prints one line (`error: ...`) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from passuntil import __version__
+from passuntil.errors import UserError
+
+console = Console(width=None if sys.stdout.isatty() else 160)  # no truncation in pipes and logs
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="passuntil")
+def cli() -> None:
+    """Predict the task performance of language models across scale (PassUntil)."""
+
+
+def _open_store(path: str, *, create: bool):
+    from passuntil.store import Store
+
+    return Store(path, create=create)
+
+
+@cli.command("eval")
+@click.option("--task", "tasks", multiple=True, help="Task name (repeat for several).")
+@click.option("--series", default=None, help="Built-in series name or series file [default: sim].")
+@click.option("--model", "models", multiple=True, help="Only these models of the series.")
+@click.option("--store", "store_path", default="runs/passuntil.sqlite", show_default=True,
+              help="Run store (SQLite file).")
+@click.option("--run", "run_id", default="main", show_default=True, help="Run name inside the store.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run exactly as it was started.")
+@click.option("--k", "k_target", type=int, default=None, help="Stop an instance at K passes [1].")
+@click.option("--max-samples", type=int, default=None, help="Budget of samples per instance [10000].")
+@click.option("--batch-size", type=int, default=None, help="Samples per round across instances [1024].")
+@click.option("--seed", type=int, default=None, help="Base seed [0].")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature [1.0].")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling [1.0].")
+@click.option("--top-k", type=int, default=None, help="Top-k sampling, 0 = off [0].")
+@click.option("--check-workers", type=int, default=None, help="Processes for checks, 0 = a thread [0].")
+def eval_cmd(tasks, series, models, store_path, run_id, resume, **engine):
+    """Run PassUntil for tasks x models into a run store."""
+    from passuntil.evaluate import resolve_config, run_eval, total_instances
+    from passuntil.progress import RichProgress
+
+    Path(store_path).parent.mkdir(parents=True, exist_ok=True)
+    store = _open_store(store_path, create=not resume)
+    config = resolve_config(store, run_id, resume=resume, series=series, models=models,
+                            tasks=tasks, engine_overrides=engine)
+    with RichProgress(total_instances(config)) as progress:
+        results = run_eval(store, run_id, config, progress=progress)
+    done = sum(r.stopped == "k_passes" for r in results)
+    click.echo(f"run {run_id} in {store_path}: {len(results)} instance results, "
+               f"{done} reached K passes, {progress.samples:,} samples drawn this session")
+
+
+@cli.command()
+@click.argument("store_path")
+@click.option("--run", "run_id", default=None, help="Run name [the only or latest run].")
+@click.option("--instances", is_flag=True, help="One row per instance instead of per model x task.")
+@click.option("--confidence", type=float, default=0.95, show_default=True)
+def show(store_path, run_id, instances, confidence):
+    """PU with intervals per instance and model."""
+    from passuntil.evaluate import estimates_table, summary_table
+
+    store = _open_store(store_path, create=False)
+    run_id = _pick_run(store, run_id)
+    df = estimates_table(store, run_id, confidence=confidence)
+    if df.empty:
+        raise UserError(f"run {run_id!r} has no results yet")
+    if instances:
+        table = Table(title=f"{run_id}: PassUntil per instance ({confidence:.0%} exact intervals)")
+        for col in ("model", "task", "instance", "passes", "samples", "PU", "interval", "stopped"):
+            table.add_column(col, justify="right" if col in ("passes", "samples", "PU") else "left")
+        for r in df.itertuples():
+            table.add_row(r.model, r.task, r.instance_id, str(r.passes), f"{r.samples:,}", f"{r.pu:.3g}",
+                          f"[{r.ci_low:.2g}, {r.ci_high:.2g}]", r.stopped or "running")
+    else:
+        table = Table(title=f"{run_id}: mean PassUntil over instances (bootstrap SE)")
+        for col in ("model", "N", "task", "non-zero", "mean PU", "SE", "samples", "done"):
+            table.add_column(col, justify="left" if col in ("model", "task") else "right")
+        for r in summary_table(df).itertuples():
+            table.add_row(r.model, f"{r.n_params:.3g}", r.task, f"{r.nonzero}/{r.instances}",
+                          f"{r.mean_pu:.4g}", f"{r.se:.2g}", f"{r.samples:,}", f"{r.done}/{r.instances}")
+    console.print(table)
+
+
+@cli.command()
+@click.argument("store_path")
+@click.option("--out", "out_path", required=True, help="Output file (.csv, .parquet, .json, .jsonl).")
+@click.option("--run", "run_id", default=None, help="Run name [the only or latest run].")
+@click.option("--completions", is_flag=True, help="Export the distinct completions instead.")
+def export(store_path, out_path, run_id, completions):
+    """Export a run's tidy table (one row per model x task x instance)."""
+    from passuntil.evaluate import estimates_table
+
+    store = _open_store(store_path, create=False)
+    run_id = _pick_run(store, run_id)
+    df = store.completions(run_id) if completions else estimates_table(store, run_id)
+    out = Path(out_path)
+    writers = {".csv": lambda: df.to_csv(out, index=False),
+               ".parquet": lambda: df.to_parquet(out, index=False),
+               ".json": lambda: df.to_json(out, orient="records", indent=1),
+               ".jsonl": lambda: df.to_json(out, orient="records", lines=True)}
+    if out.suffix not in writers:
+        raise UserError(f"cannot export to {out.name}: use .csv, .parquet, .json or .jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writers[out.suffix]()
+    click.echo(f"wrote {len(df)} rows to {out}")
+
+
+@cli.command("tasks")
+def tasks_cmd():
+    """List the built-in tasks with instance counts and sources."""
+    from passuntil.tasks import get_task, list_tasks
+
+    table = Table(title="passuntil tasks")
+    for col in ("task", "instances", "check", "source"):
+        table.add_column(col)
+    for name in list_tasks():
+        d = get_task(name).describe()
+        table.add_row(name, str(d["instances"]), d["check"], d["source"])
+    console.print(table)
+
+
+@cli.command()
+@click.option("--out", "out_dir", default="passuntil-demo", show_default=True, help="Output folder.")
+@click.option("--quick", is_flag=True, help="Smaller budgets (about a minute).")
+def demo(out_dir, quick):
+    """Run the whole pipeline on the bundled series and print where the results are."""
+    from passuntil.demo import run_demo
+
+    run_demo(Path(out_dir), quick=quick, console=console)
+
+
+def _pick_run(store, run_id):
+    runs = store.runs()
+    if run_id is None:
+        if not runs:
+            raise UserError(f"{store.path} holds no runs")
+        return runs[-1]
+    if run_id not in runs:
+        raise UserError(f"no run {run_id!r} in {store.path} (runs: {', '.join(runs) or 'none'})")
+    return run_id
+
+
+def main(argv=None) -> None:
+    """Entry point: run the CLI, turning user errors into one line and exit status 2."""
+    try:
+        cli.main(args=argv, prog_name="passuntil", standalone_mode=False)
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("interrupted; `passuntil eval --resume` continues a run", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        click.echo(f"error: {err.format_message()}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; `passuntil eval --resume` continues a run", err=True)
+        sys.exit(130)

@@ -1,0 +1,112 @@
+"""Wiring for `passuntil eval`: tasks x models -> PassUntil engine -> run store.
+
+A run is named; its resolved configuration (engine settings, tasks, series) is written to the
+store when it starts, and `resume=True` continues it from the store alone, so an interrupted
+run picks up where its last committed round ended and produces exactly the counts an
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import fields
+
+import numpy as np
+
+from passuntil import stats
+from passuntil.engine import EngineConfig, InstanceResult, Progress, new_states, run_passuntil
+from passuntil.errors import UserError
+from passuntil.series import ModelSpec, load_series, open_sampler
+from passuntil.store import Store
+from passuntil.tasks import get_task
+
+
+def resolve_config(
+    store: Store,
+    run_id: str,
+    *,
+    resume: bool,
+    series: str | None,
+    models: Sequence[str],
+    tasks: Sequence[str],
+    engine_overrides: dict,
+) -> dict:
+    """The run's full configuration: from the store when resuming, else from the arguments."""
+    if resume:
+        config = store.run_config(run_id)
+        given = {k: v for k, v in engine_overrides.items() if v is not None}
+        clash = {k: v for k, v in given.items() if config["engine"].get(k) != v}
+        if clash:
+            k, v = next(iter(clash.items()))
+            raise UserError(f"run {run_id!r} was made with {k}={config['engine'][k]!r}, not {v!r}; "
+                            "--resume continues a run exactly as it was started")
+        return config
+    if store.run_exists(run_id):
+        raise UserError(f"run {run_id!r} already exists in {store.path}; pass --resume to continue it "
+                        "or --run NAME for a new one")
+    if not tasks:
+        raise UserError("name at least one task (--task NAME); `passuntil tasks` lists them")
+    cfg = EngineConfig(**{k: v for k, v in engine_overrides.items() if v is not None})
+    chosen = load_series(series or "sim").select(models)
+    for name in tasks:
+        get_task(name)
+    config = {"engine": cfg.to_dict(), "tasks": list(tasks), "series": series or "sim",
+              "models": [m.to_dict() for m in chosen]}
+    store.create_run(run_id, config, config["models"])
+    return config
+
+
+def run_eval(store: Store, run_id: str, config: dict, *, progress: Progress | None = None
+             ) -> list[InstanceResult]:
+    """Run (or continue) every model of the run over every task, committing each round."""
+    cfg = EngineConfig(**{f.name: config["engine"][f.name] for f in fields(EngineConfig)
+                          if f.name in config["engine"]})
+    tasks = [get_task(name) for name in config["tasks"]]
+    specs = [ModelSpec(**m) for m in config["models"]]
+    results: list[InstanceResult] = []
+    for spec in specs:
+        if hasattr(progress, "set_model"):
+            progress.set_model(spec.name)
+        states = new_states(tasks, model=spec.name, seed=cfg.seed)
+        store.load_states(run_id, spec.name, states)
+        if all(st.stopped for st in states):
+            results.extend(st.result(spec.name) for st in states)
+            continue
+        sampler = open_sampler(spec, tasks)
+        results.extend(run_passuntil(
+            sampler, tasks, cfg, model=spec.name, states=states, progress=progress,
+            commit=lambda updates, name=spec.name: store.commit_round(run_id, name, updates)))
+    return results
+
+
+def total_instances(config: dict) -> int:
+    return len(config["models"]) * sum(len(get_task(t).instances) for t in config["tasks"])
+
+
+def estimates_table(store: Store, run_id: str, *, confidence: float = 0.95):
+    """The tidy table of a run with PU, unbiased PU and exact interval per row."""
+    df = store.results(run_id)
+    k = store.run_config(run_id)["engine"]["k_target"]
+    df = df[df["samples"] > 0].copy()
+    if df.empty:
+        return df
+    df["pu"] = stats.pu_mle(df["passes"], df["samples"])
+    df["pu_unbiased"] = stats.pu_unbiased(df["passes"], df["samples"], k_target=k)
+    low, high = stats.interval(df["passes"].to_numpy(), df["samples"].to_numpy(), k_target=k,
+                               confidence=confidence)
+    df["ci_low"], df["ci_high"] = low, high
+    df["done"] = df["stopped"].notna()
+    return df
+
+
+def summary_table(df, *, n_boot: int = 1000, seed: int = 0):
+    """Per model x task: mean PU over instances with its bootstrap SE, and non-zero count."""
+    import pandas as pd
+
+    rows = []
+    for (model, n_params, task), g in df.groupby(["model", "n_params", "task"], sort=False):
+        boot = stats.bootstrap_mean(g["pu"].to_numpy(), n_boot=n_boot, seed=seed)
+        rows.append({"model": model, "n_params": n_params, "task": task, "instances": len(g),
+                     "nonzero": int(np.sum(g["passes"] > 0)), "mean_pu": boot.mean, "se": boot.se,
+                     "samples": int(g["samples"].sum()), "done": int(g["done"].sum())})
+    return pd.DataFrame(rows)

@@ -1,0 +1,87 @@
+"""Tasks: instances, prompt assembly (few-shot), and the check that decides a pass."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One test item: its input, the acceptable references, and free-form metadata."""
+
+    id: str
+    prompt: str
+    references: tuple[str, ...]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["meta"] = dict(self.meta)
+        return d
+
+
+Check = Callable[[Instance, str], bool]
+
+
+@dataclass(frozen=True)
+class FewShot:
+    """Prepend `n_shots` solved examples drawn (seeded, per instance) from `pool`.
+
+    The instance itself is never one of its own shots. Shots are formatted as
+    `shot_template.format(prompt=..., answer=...)` and joined by `separator`.
+    """
+
+    pool: tuple[Instance, ...]
+    n_shots: int = 4
+    seed: int = 0
+    shot_template: str = "{prompt}{answer}"
+    separator: str = "\n\n"
+
+    def shots_for(self, instance: Instance) -> list[Instance]:
+        candidates = [x for x in self.pool if x.id != instance.id]
+        if len(candidates) < self.n_shots:
+            raise ValueError(f"few-shot pool has {len(candidates)} items, needs {self.n_shots}")
+        return random.Random(f"{self.seed}:{instance.id}").sample(candidates, self.n_shots)
+
+    def render(self, instance: Instance) -> str:
+        shots = [self.shot_template.format(prompt=s.prompt, answer=s.references[0])
+                 for s in self.shots_for(instance)]
+        return self.separator.join([*shots, instance.prompt])
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named set of instances with its prompt format, stop sequences and pass check."""
+
+    name: str
+    instances: tuple[Instance, ...]
+    check: Check
+    stop: tuple[str, ...] = ("\n",)
+    max_new_tokens: int = 32
+    preamble: str = ""
+    few_shot: FewShot | None = None
+    source: str = ""
+    description: str = ""
+
+    def __post_init__(self):
+        ids = [x.id for x in self.instances]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"task {self.name!r}: instance ids are not unique")
+
+    def prompt(self, instance: Instance) -> str:
+        """The full text given to the model for this instance."""
+        body = self.few_shot.render(instance) if self.few_shot else instance.prompt
+        return self.preamble + body
+
+    def subset(self, ids: Sequence[str]) -> Task:
+        keep = set(ids)
+        return Task(**{**self.__dict__, "instances": tuple(x for x in self.instances if x.id in keep)})
+
+    def describe(self) -> dict:
+        return {"name": self.name, "instances": len(self.instances), "source": self.source,
+                "stop": list(self.stop), "max_new_tokens": self.max_new_tokens,
+                "check": getattr(self.check, "spec", repr(self.check)),
+                "description": self.description}
