@@ -157,6 +157,17 @@ def _pick_run(store, run_id):
     return run_id
 
 
+@cli.command("train-series")
+@click.argument("config_path")
+def train_series_cmd(config_path):
+    """Train (or finish training) a model series from a TOML config."""
+    from passuntil.models.train import SeriesConfig, train_series
+
+    cfg = SeriesConfig.load(config_path)
+    metrics = train_series(cfg, console=console)
+    click.echo(f"series {cfg.name!r}: {len(metrics)} models trained in {cfg.out}")
+
+
 def main(argv=None) -> None:
     """Entry point: run the CLI, turning user errors into one line and exit status 2."""
     try:

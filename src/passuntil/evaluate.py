@@ -69,14 +69,38 @@ def run_eval(store: Store, run_id: str, config: dict, *, progress: Progress | No
             progress.set_model(spec.name)
         states = new_states(tasks, model=spec.name, seed=cfg.seed)
         store.load_states(run_id, spec.name, states)
-        if all(st.stopped for st in states):
+        if all(st.stopped for st in states) and store.has_reference_scores(run_id, spec.name):
             results.extend(st.result(spec.name) for st in states)
             continue
         sampler = open_sampler(spec, tasks)
         results.extend(run_passuntil(
             sampler, tasks, cfg, model=spec.name, states=states, progress=progress,
             commit=lambda updates, name=spec.name: store.commit_round(run_id, name, updates)))
+        if not store.has_reference_scores(run_id, spec.name):
+            store.save_reference_scores(run_id, spec.name, reference_scores(sampler, tasks, cfg))
     return results
+
+
+def reference_scores(sampler, tasks, cfg: EngineConfig) -> list[tuple]:
+    """Per instance: the reference answer's teacher-forced log-prob and token count (the paper's
+    test loss), and, where the backend computes it and the check is exact match, the exact
+    probability that one sample is exactly a reference."""
+    from passuntil.backends.base import SamplingParams
+    from passuntil.tasks.checks import Exact
+
+    rows = []
+    for task in tasks:
+        prompts = [task.prompt(x) for x in task.instances]
+        scores = sampler.score(prompts, [x.references[0] for x in task.instances])
+        exact_fn = getattr(sampler, "exact_pass_probability", None)
+        for inst, prompt, sc in zip(task.instances, prompts, scores):
+            exact = None
+            if exact_fn is not None and isinstance(task.check, Exact):
+                exact = exact_fn(prompt, inst.references, SamplingParams(
+                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                    max_tokens=cfg.max_tokens or task.max_new_tokens, stop=task.stop))
+            rows.append((task.name, inst.id, sc.logprob, len(sc.token_logprobs), exact))
+    return rows
 
 
 def total_instances(config: dict) -> int:

@@ -40,3 +40,17 @@ def uniforms(seed: int, indices: np.ndarray, *, stream: int = 0) -> np.ndarray:
     with np.errstate(over="ignore"):
         bits = splitmix64(np.asarray(indices, dtype=np.uint64) * np.uint64(0xD1B54A32D192ED03) ^ key)
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def row_keys(seed: int, indices: np.ndarray) -> np.ndarray:
+    """One 64-bit key per sample index of the stream `seed` (for per-step draws)."""
+    key = splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
+    with np.errstate(over="ignore"):
+        return splitmix64(np.asarray(indices, dtype=np.uint64) * np.uint64(0xD1B54A32D192ED03) ^ key)
+
+
+def step_uniforms(keys: np.ndarray, step: int) -> np.ndarray:
+    """The uniform draw of every row at decoding step `step`; depends only on (key, step)."""
+    with np.errstate(over="ignore"):
+        bits = splitmix64(keys ^ np.uint64((step * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _MASK64))
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))

@@ -28,7 +28,8 @@ from passuntil.tasks.base import Task
 
 PAPER_SIZES = {"0.03B": 3.6e7, "0.1B": 1.09e8, "0.2B": 2.41e8, "0.5B": 4.99e8,
                "0.9B": 8.92e8, "1.5B": 1.542e9, "2.4B": 2.45e9}
-BACKENDS = ("simulated",)
+BACKENDS = ("simulated", "torch")
+BUNDLED = Path(__file__).parent / "bundled"
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,19 @@ class ModelSeries:
 
 
 def builtin_series(name: str) -> ModelSeries | None:
+    """"sim" (simulated, the paper's sizes) or a series shipped under passuntil/bundled/."""
     if name == "sim":
         return ModelSeries("sim", tuple(ModelSpec(k, v) for k, v in PAPER_SIZES.items()))
+    if not name.isidentifier() and not name.replace("-", "_").isidentifier():
+        return None
+    path = BUNDLED / name / "series.toml"
+    if path.is_file():
+        return load_series(str(path))
     return None
+
+
+def builtin_names() -> list[str]:
+    return ["sim", *sorted(p.parent.name for p in BUNDLED.glob("*/series.toml"))]
 
 
 def load_series(name_or_path: str) -> ModelSeries:
@@ -82,7 +93,8 @@ def load_series(name_or_path: str) -> ModelSeries:
         return series
     path = Path(name_or_path)
     if not path.is_file():
-        raise UserError(f"no built-in series and no file named {name_or_path!r} (built-in: sim)")
+        raise UserError(f"no built-in series and no file named {name_or_path!r} "
+                        f"(built-in: {', '.join(builtin_names())})")
     try:
         if path.suffix == ".toml":
             raw = tomllib.loads(path.read_text())
@@ -118,7 +130,10 @@ def _series_from_dict(raw: Any, *, default_name: str, where: str) -> ModelSeries
         if backend not in BACKENDS:
             raise UserError(f"{where}: model {m['name']!r}: unknown backend {backend!r} "
                             f"(available: {', '.join(BACKENDS)})")
-        models.append(ModelSpec(str(m["name"]), n_params, backend, m.get("path"),
+        path = m.get("path")
+        if path is not None and not Path(path).is_absolute():
+            path = str((Path(where).parent / path).resolve())  # relative to the series file
+        models.append(ModelSpec(str(m["name"]), n_params, backend, path,
                                 m.get("train_tokens"), dict(m.get("options", {}))))
     names = [m.name for m in models]
     if len(set(names)) != len(names):
@@ -141,4 +156,10 @@ def open_sampler(spec: ModelSpec, tasks: Iterable[Task]) -> Sampler:
                 truth[task.prompt(inst)] = (inst.references[0],
                                             law_probability(inst.meta["law"], spec.n_params))
         return SimulatedSampler(spec.name, truth, **dict(spec.options))
+    if spec.backend == "torch":
+        from passuntil.backends.torch_backend import TorchSampler
+
+        if not spec.path:
+            raise UserError(f"model {spec.name!r}: the torch backend needs a checkpoint 'path'")
+        return TorchSampler.from_folder(spec.path, name=spec.name, **dict(spec.options))
     raise UserError(f"backend {spec.backend!r} is not available")

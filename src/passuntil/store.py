@@ -79,7 +79,22 @@ def _run_script(db: sqlite3.Connection, script: str) -> None:
             db.execute(statement)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m1_initial]
+def _m2_reference_scores(db: sqlite3.Connection) -> None:
+    _run_script(db, """
+        CREATE TABLE reference_scores (
+            run_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            task TEXT NOT NULL,
+            instance_id TEXT NOT NULL,
+            ref_logprob REAL NOT NULL,
+            ref_tokens INTEGER NOT NULL,
+            exact_p REAL,
+            PRIMARY KEY (run_id, model, task, instance_id)
+        )
+    """)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m1_initial, _m2_reference_scores]
 
 
 def git_commit() -> str | None:
@@ -212,6 +227,16 @@ class Store:
                 [(run_id, model, u.state.task, u.state.instance.id, text, n, int(u.state.verdicts[text]))
                  for u in updates for text, n in u.new_completions.items()])
 
+    def save_reference_scores(self, run_id: str, model: str, rows: list[tuple]) -> None:
+        """rows: (task, instance_id, ref_logprob, ref_tokens, exact_p or None)."""
+        with self._tx():
+            self.db.executemany("INSERT OR REPLACE INTO reference_scores VALUES (?,?,?,?,?,?,?)",
+                                [(run_id, model, *r) for r in rows])
+
+    def has_reference_scores(self, run_id: str, model: str) -> bool:
+        return self.db.execute("SELECT 1 FROM reference_scores WHERE run_id=? AND model=? LIMIT 1",
+                               (run_id, model)).fetchone() is not None
+
     @contextlib.contextmanager
     def _tx(self):
         self.db.execute("BEGIN IMMEDIATE")
@@ -229,8 +254,11 @@ class Store:
         import pandas as pd
 
         query = ("SELECT r.run_id, r.model, m.n_params, r.task, r.instance_id, r.samples, r.passes, "
-                 "r.pass_indices, r.overshoot, r.overflow, r.stopped, r.seed "
-                 "FROM results r JOIN models m ON m.run_id = r.run_id AND m.model = r.model")
+                 "r.pass_indices, r.overshoot, r.overflow, r.stopped, r.seed, "
+                 "s.ref_logprob, s.ref_tokens, s.exact_p "
+                 "FROM results r JOIN models m ON m.run_id = r.run_id AND m.model = r.model "
+                 "LEFT JOIN reference_scores s ON s.run_id = r.run_id AND s.model = r.model "
+                 "AND s.task = r.task AND s.instance_id = r.instance_id")
         params: tuple = ()
         if run_id is not None:
             self.run_config(run_id)

@@ -73,6 +73,11 @@ class SimulatedSampler:
                         for j, (ok, w) in enumerate(zip(passed.tolist(), which.tolist()))])
         return out
 
+    def exact_pass_probability(self, prompt: str, references: Sequence[str], params: SamplingParams) -> float:
+        """The true pass probability (what PassUntil estimates)."""
+        answer, p = self._lookup(prompt)
+        return p if answer in {r.strip() for r in references} else 0.0
+
     def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[TokenScores]:
         scores = []
         for prompt, cont in zip(prompts, continuations, strict=True):

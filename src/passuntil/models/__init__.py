@@ -1,0 +1,1 @@
+"""The bundled model series: a Llama-compatible transformer, its byte tokenizer, training."""

@@ -1,0 +1,171 @@
+"""The bundled tasks, generated with a fixed seed, and the formats the training corpus uses.
+
+* "arith":   3-digit addition, "417+385=" -> "802" (zero-shot; the corpus has such lines).
+* "dates":   in-context date-format transforms in the style of BIG-bench's unnatural in-context
+             learning: 4 solved examples of one transform, then a query.
+* "reverse": reverse a 5-letter string, "reverse: hqtbz -> " -> "zbtqh".
+* "code":    a small HumanEval: a Python signature and docstring; the completion is the body,
+             checked by executing unit tests.
+
+Every evaluation item is held out: `heldout()` names the items (operand pairs, query dates,
+strings, function variants) that the corpus generator must never emit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import random
+from dataclasses import dataclass
+
+from passuntil.execution import run_program
+from passuntil.tasks.base import Instance, Task
+from passuntil.tasks.checks import Exact
+
+SEED = 20231001
+N_EVAL = 40
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December"]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+                "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
+                "eighteen", "nineteen", "twenty"]
+
+
+# ---- dates ---------------------------------------------------------------------------------
+
+DATE_FORMATS = {
+    "iso": lambda d: d.isoformat(),
+    "us": lambda d: d.strftime("%m/%d/%Y"),
+    "eu": lambda d: d.strftime("%d.%m.%Y"),
+    "long": lambda d: f"{MONTHS[d.month - 1]} {d.day}, {d.year}",
+}
+DATE_TRANSFORMS = [("iso", "us"), ("iso", "eu"), ("iso", "long"), ("us", "iso"), ("long", "iso"),
+                   ("eu", "us")]
+
+
+def random_date(rng: random.Random) -> dt.date:
+    return dt.date(1900, 1, 1) + dt.timedelta(days=rng.randrange(200 * 365))
+
+
+def date_line(d: dt.date, transform: tuple[str, str]) -> tuple[str, str]:
+    src, dst = transform
+    return f"{DATE_FORMATS[src](d)} -> ", DATE_FORMATS[dst](d)
+
+
+# ---- code ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CodeFamily:
+    name: str  # with {w}: the number word
+    arg: str
+    doc: str  # with {k}
+    body: str  # with {k}
+    tests: tuple[tuple[str, str], ...]  # (call args, expected) with {k}
+
+
+CODE_FAMILIES = [
+    CodeFamily("add_{w}", "x", "Return x plus {k}.", "return x + {k}", (("3", "3 + {k}"), ("-10", "-10 + {k}"))),
+    CodeFamily("subtract_{w}", "x", "Return x minus {k}.", "return x - {k}", (("50", "50 - {k}"), ("0", "-{k}"))),
+    CodeFamily("times_{w}", "x", "Return x multiplied by {k}.", "return x * {k}", (("4", "4 * {k}"), ("-3", "-3 * {k}"))),
+    CodeFamily("is_multiple_of_{w}", "n", "Return True if n is divisible by {k}.", "return n % {k} == 0",
+               (("{k} * 7", "True"), ("{k} * 3 + 1", "False"))),
+    CodeFamily("repeat_{w}", "s", "Return the string s repeated {k} times.", "return s * {k}",
+               (("'ab'", "'ab' * {k}"), ("''", "''"))),
+    CodeFamily("first_{w}", "xs", "Return the first {k} items of the list xs.", "return xs[:{k}]",
+               (("list(range(30))", "list(range({k}))"), ("[]", "[]"))),
+    CodeFamily("power_{w}", "x", "Return x to the power {k}.", "return x ** {k}", (("2", "2 ** {k}"), ("-1", "(-1) ** {k}"))),
+    CodeFamily("floor_divide_{w}", "x", "Return x divided by {k}, rounded down.", "return x // {k}",
+               (("100", "100 // {k}"), ("-7", "-7 // {k}"))),
+]
+
+
+def code_variants() -> list[tuple[int, int]]:
+    """Every (family index, k) pair: k from 2 to 20."""
+    return [(f, k) for f in range(len(CODE_FAMILIES)) for k in range(2, 21)]
+
+
+def code_function(family: int, k: int) -> tuple[str, str, str]:
+    """(prompt, canonical body, test code) for one variant."""
+    fam = CODE_FAMILIES[family]
+    name = fam.name.format(w=NUMBER_WORDS[k])
+    prompt = f'def {name}({fam.arg}):\n    """{fam.doc.format(k=k)}"""\n'
+    body = f"    {fam.body.format(k=k)}\n"
+    tests = "\n".join(f"assert {name}({a.format(k=k)}) == {e.format(k=k)}" for a, e in fam.tests)
+    return prompt, body, tests
+
+
+# ---- held-out evaluation items -------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def heldout() -> dict[str, list]:
+    """The evaluation items of every bundled task, fixed by SEED."""
+    rng = random.Random(SEED)
+    arith = []
+    while len(arith) < N_EVAL:
+        a, b = rng.randrange(100, 1000), rng.randrange(100, 1000)
+        if (a, b) not in arith and (b, a) not in arith:
+            arith.append((a, b))
+    dates = []
+    while len(dates) < N_EVAL:
+        d = random_date(rng)
+        if d not in dates:
+            dates.append(d)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    strings = []
+    while len(strings) < N_EVAL:
+        s = "".join(rng.choice(letters) for _ in range(5))
+        if s not in strings and s[::-1] not in strings:
+            strings.append(s)
+    code = rng.sample(code_variants(), N_EVAL)
+    return {"arith": arith, "dates": dates, "reverse": strings, "code": code}
+
+
+class UnitTestCheck:
+    """Pass when the instance's unit tests succeed on prompt + completion (run in a subprocess)."""
+
+    spec = "unit_tests"
+
+    def __call__(self, instance: Instance, text: str) -> bool:
+        program = instance.prompt + text + "\n\n" + instance.meta["tests"] + "\n"
+        return run_program(program, timeout_s=5.0)
+
+
+def make_bundled(name: str) -> Task:
+    items = heldout()
+    if name == "arith":
+        inst = tuple(Instance(f"{i:02d}", f"{a}+{b}=", (str(a + b),)) for i, (a, b) in enumerate(items["arith"]))
+        return Task("arith", inst, Exact(), stop=("\n",), max_new_tokens=6,
+                    source="bundled: 3-digit addition", description="a+b= with 3-digit operands")
+    if name == "dates":
+        rng = random.Random(SEED + 1)
+        inst = []
+        for i, d in enumerate(items["dates"]):
+            transform = DATE_TRANSFORMS[i % len(DATE_TRANSFORMS)]
+            shots = []
+            while len(shots) < 4:
+                s = random_date(rng)
+                if s not in items["dates"]:
+                    shots.append("".join(date_line(s, transform)))
+            query, answer = date_line(d, transform)
+            inst.append(Instance(f"{i:02d}", "\n".join(shots) + "\n" + query, (answer,),
+                                 {"transform": "->".join(transform)}))
+        return Task("dates", tuple(inst), Exact(), stop=("\n",), max_new_tokens=24,
+                    source="bundled: in-context date transforms (UICL style)",
+                    description="4-shot date-format transform")
+    if name == "reverse":
+        inst = tuple(Instance(f"{i:02d}", f"reverse: {s} -> ", (s[::-1],)) for i, s in enumerate(items["reverse"]))
+        return Task("reverse", inst, Exact(), stop=("\n",), max_new_tokens=8,
+                    source="bundled: string reversal", description="reverse a 5-letter string")
+    if name == "code":
+        inst = []
+        for i, (f, k) in enumerate(items["code"]):
+            prompt, body, tests = code_function(f, k)
+            inst.append(Instance(f"{i:02d}", prompt, (body.rstrip("\n"),),
+                                 {"tests": tests, "family": CODE_FAMILIES[f].name}))
+        return Task("code", tuple(inst), UnitTestCheck(), stop=("\n\n", "\ndef ", "\nclass "),
+                    max_new_tokens=48, source="bundled: small HumanEval (unit tests executed)",
+                    description="complete a one-line Python function")
+    raise KeyError(name)
+
+
+BUNDLED_TASKS = ("arith", "dates", "reverse", "code")

@@ -1,0 +1,121 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from passuntil.backends.base import SamplingParams
+from passuntil.backends.torch_backend import TorchSampler, sampling_distribution
+from passuntil.models.tokenizer import encode
+
+BUNDLED = Path(__file__).parents[1] / "src/passuntil/bundled/tiny"
+SMALL = BUNDLED / "tiny-3"
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    torch.set_num_threads(1)
+    return TorchSampler.from_folder(SMALL)
+
+
+def _texts(comps):
+    return [c.text for c in comps]
+
+
+def test_samples_do_not_depend_on_batching(sampler):
+    a, b = "12+5=", "reverse: abc -> "
+    sp = SamplingParams(n=12, seed=9, stop=("\n",), max_tokens=10)
+    whole = sampler.generate([a], [sp])[0]
+    first = sampler.generate([a], [SamplingParams(n=5, seed=9, stop=("\n",), max_tokens=10)])[0]
+    rest, other = sampler.generate(
+        [b, a], [SamplingParams(n=7, seed=1, stop=("\n",), max_tokens=10),
+                 SamplingParams(n=7, seed=9, first_sample=5, stop=("\n",), max_tokens=10)])[::-1]
+    assert _texts(whole) == _texts(first) + _texts(rest)
+    small_rows = TorchSampler(sampler.model, max_rows=3)  # chunked into many small batches
+    assert _texts(small_rows.generate([a], [sp])[0]) == _texts(whole)
+    assert _texts(sampler.generate([a], [SamplingParams(n=12, seed=10, stop=("\n",), max_tokens=10)])[0]) != _texts(whole)
+
+
+def test_stop_and_length(sampler):
+    comps = sampler.generate(["def f(x):\n"], [SamplingParams(n=64, seed=2, stop=("\n\n", "\ndef "), max_tokens=40)])[0]
+    for c in comps:
+        assert "\n\n" not in c.text and "\ndef " not in c.text
+        assert len(c.token_ids) <= 40
+        assert c.finish_reason in ("stop", "length")
+        if c.finish_reason == "length":
+            assert len(c.token_ids) == 40
+    assert {c.finish_reason for c in comps} == {"stop", "length"}
+
+
+def test_greedy_matches_uncached_argmax_decoding(sampler):
+    prompt = "reverse: hello -> "
+    c = sampler.generate([prompt], [SamplingParams(n=3, temperature=0.0, max_tokens=12, stop=())])[0]
+    assert len({x.text for x in c}) == 1
+    ids = encode(prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(12):
+            logits, _ = sampler.model(torch.tensor([ids + out]))
+            nxt = int(logits[0, -1].argmax())
+            if nxt == 256:
+                break
+            out.append(nxt)
+    assert list(c[0].token_ids) == out
+
+
+def test_sampling_distribution_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    one = torch.ones(1)
+    p = sampling_distribution(logits, one, torch.tensor([2]), one)
+    assert torch.allclose(p, torch.tensor([[5 / 7, 2 / 7, 0, 0, 0]]))
+    p = sampling_distribution(logits, one, torch.zeros(1, dtype=torch.long), torch.tensor([0.8]))
+    assert torch.allclose(p, torch.tensor([[0.5, 0.2, 0.15, 0, 0]]) / 0.85)
+    p = sampling_distribution(logits, torch.zeros(1), torch.zeros(1, dtype=torch.long), one)
+    assert p.tolist() == [[1.0, 0, 0, 0, 0]]
+    p = sampling_distribution(logits, torch.tensor([2.0]), torch.zeros(1, dtype=torch.long), one)
+    assert torch.allclose(p, torch.softmax(logits / 2, -1))
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.0, 5, 1.0)])
+def test_exact_probability_matches_sampling(sampler, temperature, top_k, top_p):
+    """The sampler samples what it claims: frequencies agree with the exact path probability."""
+    n, informative = 4000, 0
+    for prompt, ref in [("2+2=", "4"), ("3+4=", "7")]:
+        sp = SamplingParams(n=n, seed=3, stop=("\n",), max_tokens=8, temperature=temperature,
+                            top_k=top_k, top_p=top_p)
+        freq = sum(c.text == ref for c in sampler.generate([prompt], [sp])[0]) / n
+        exact = sampler.exact_pass_probability(prompt, [ref], sp)
+        informative += exact > 0.005
+        assert abs(freq - exact) <= 4 * (exact * (1 - exact) / n) ** 0.5 + 1e-12
+    assert informative
+
+
+def test_score_is_teacher_forced_logprob(sampler):
+    prompt, cont = "12+5=", "17"
+    (s,) = sampler.score([prompt], [cont])
+    sp = SamplingParams(temperature=1.0, max_tokens=8)
+    path = sampler._path_probability(prompt, encode(cont), sp)
+    assert len(s.token_logprobs) == 2
+    assert s.logprob == pytest.approx(torch.log(torch.tensor(path)).item(), abs=1e-4)
+    assert s.loss == pytest.approx(-s.logprob / 2)
+
+
+def test_transformers_sampler_gives_the_same_pass_rate(sampler):
+    """transformers' own sampler on the same checkpoint passes as often as ours."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(SMALL).eval()
+    prompt, ref, n = "2+2=", "4", 3000
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([encode(prompt)]), do_sample=True, top_k=0, top_p=1.0,
+                          temperature=1.0, max_new_tokens=4, num_return_sequences=n,
+                          pad_token_id=256, eos_token_id=256)
+    hf_pass = 0
+    for row in out[:, len(encode(prompt)):].tolist():
+        text = bytes(t for t in row if t < 256).decode("utf-8", "replace")
+        first_line, ended = text.split("\n")[0], "\n" in text or 256 in row  # stop or EOS
+        hf_pass += first_line == ref and ended
+    ours = sampler.generate([prompt], [SamplingParams(n=n, seed=4, stop=("\n",), max_tokens=4)])[0]
+    our_pass = sum(c.text == ref and c.finish_reason == "stop" for c in ours)
+    p = (hf_pass + our_pass) / (2 * n)
+    assert p > 0.005
+    assert abs(hf_pass - our_pass) / n <= 4 * (2 * p * (1 - p) / n) ** 0.5
