@@ -119,3 +119,31 @@ def test_transformers_sampler_gives_the_same_pass_rate(sampler):
     p = (hf_pass + our_pass) / (2 * n)
     assert p > 0.005
     assert abs(hf_pass - our_pass) / n <= 4 * (2 * p * (1 - p) / n) ** 0.5
+
+
+@pytest.mark.slow
+def test_passuntil_agrees_with_exact_probability_on_bundled_task():
+    """Every instance of `arith`: PassUntil's interval covers the exact pass probability."""
+    import dataclasses
+
+    from passuntil import stats
+    from passuntil.engine import EngineConfig, run_passuntil
+    from passuntil.tasks import get_task
+    from passuntil.tasks.checks import Exact
+
+    model = TorchSampler.from_folder(BUNDLED / "tiny-4")
+    task = dataclasses.replace(get_task("arith"), check=Exact(strip=False))  # exactly the references
+    params = SamplingParams(stop=task.stop, max_tokens=task.max_new_tokens)
+    exact = {x.id: model.exact_pass_probability(task.prompt(x), x.references, params) for x in task.instances}
+    task = task.subset([i for i, p in exact.items() if p >= 1e-3])  # keep the sampling cost small
+    assert len(task.instances) >= 10
+    results = run_passuntil(model, [task], EngineConfig(k_target=2, max_samples=20_000, batch_size=4096, seed=1),
+                            model="tiny-4")
+    misses, ratios = 0, []
+    for inst, r in zip(task.instances, results):
+        p = exact[inst.id]
+        low, high = stats.interval(r.passes, r.samples, k_target=2, confidence=0.999)
+        misses += not (low <= p <= high)
+        ratios.append(stats.pu_unbiased(r.passes, r.samples, k_target=2) / p)
+    assert misses == 0
+    assert 0.7 < sum(ratios) / len(ratios) < 1.3  # unbiased on average

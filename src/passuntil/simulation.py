@@ -16,9 +16,10 @@ def simulate_counts(
     p: float, *, k_target: int, max_samples: int, runs: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """(passes, samples) for `runs` independent PassUntil runs at true probability p."""
-    if p <= 0:
+    if p <= 1e-15:  # (geometric draws overflow int64 below this; no pass is ever seen anyway)
         return np.zeros(runs, dtype=np.int64), np.full(runs, max_samples, dtype=np.int64)
-    positions = np.cumsum(rng.geometric(p, size=(runs, k_target)), axis=1)
+    gaps = np.minimum(rng.geometric(p, size=(runs, k_target)), max_samples + 1)
+    positions = np.cumsum(gaps, axis=1)
     stopped = positions[:, -1] <= max_samples
     passes = np.where(stopped, k_target, (positions <= max_samples).sum(axis=1))
     samples = np.where(stopped, positions[:, -1], max_samples)

@@ -66,6 +66,11 @@ class TorchSampler:
         self.max_rows = max_rows
         self._prefixes: OrderedDict[str, tuple] = OrderedDict()
         self._prefix_cache = prefix_cache
+        # fused projections for decoding: one matmul for q|k|v and one for gate|up per layer
+        with torch.no_grad():
+            self._qkv = [torch.cat([l.self_attn.q_proj.weight, l.self_attn.k_proj.weight,
+                                    l.self_attn.v_proj.weight]) for l in self.model.layers]
+            self._gate_up = [torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]) for l in self.model.layers]
 
     @classmethod
     def from_folder(cls, folder: str | Path, **kw) -> TorchSampler:
@@ -97,121 +102,141 @@ class TorchSampler:
 
     def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> list[list[Completion]]:
         out: list[list[Completion | None]] = [[None] * sp.n for sp in params]
+        seg = min(32, 1 << max(0, max(sp.n for sp in params) - 1).bit_length()) if params else 1
         chunk, rows = [], 0
         for r, sp in enumerate(params):
-            start = 0
-            while start < sp.n:
-                take = min(sp.n - start, self.max_rows - rows)
-                chunk.append((r, start, take))
-                rows += take
-                start += take
-                if rows == self.max_rows:
-                    self._generate_chunk(chunk, prompts, params, out)
+            for start in range(0, sp.n, seg):
+                chunk.append((r, start, min(seg, sp.n - start)))
+                rows += seg
+                if rows + seg > self.max_rows:
+                    self._generate_chunk(chunk, seg, prompts, params, out)
                     chunk, rows = [], 0
         if chunk:
-            self._generate_chunk(chunk, prompts, params, out)
+            self._generate_chunk(chunk, seg, prompts, params, out)
         return out  # type: ignore[return-value]
 
-    @torch.no_grad()
-    def _generate_chunk(self, chunk, prompts, params, out) -> None:
-        m, dev = self.model, self.device
-        cfg = m.cfg
+    @torch.inference_mode()
+    def _generate_chunk(self, chunk, R, prompts, params, out) -> None:
+        """Decode one chunk: S segments of R rows, each segment the samples [start, start+n) of one
+        request (rows past n are padding and are discarded)."""
+        m, dev, cfg = self.model, self.device, self.model.cfg
+        S, H, d = len(chunk), cfg.num_attention_heads, cfg.head_dim
+        B = S * R
         max_new = max(params[r].max_tokens for r, _, _ in chunk)
-        groups = []  # per chunk entry: prefix kvs and first logits
-        for r, _, _ in chunk:
-            groups.append(self._prefill(self._prompt_ids(prompts[r], params[r].max_tokens)))
-        counts = [n for _, _, n in chunk]
-        B = sum(counts)
-        group_of = torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor(counts))
-        first_logits = torch.stack([g[1] for g in groups])[group_of]
-        prefix_len = torch.tensor([g[0][0][0].shape[2] for g in groups])[group_of]
-        keys = np.concatenate([row_keys(params[r].seed or 0, np.arange(params[r].first_sample + s,
-                               params[r].first_sample + s + n)) for r, s, n in chunk])
-        temp = torch.tensor([params[r].temperature for r, _, _ in chunk])[group_of]
-        topk = torch.tensor([params[r].top_k for r, _, _ in chunk])[group_of]
-        topp = torch.tensor([params[r].top_p for r, _, _ in chunk])[group_of]
-        limit = [params[r].max_tokens for r, _, n in chunk for _ in range(n)]
-        stops = [[s.encode() for s in params[r].stop if s] for r, _, _ in chunk]
-        # per-row bookkeeping (rows stay sorted by chunk entry, so groups are contiguous)
-        row_id = torch.arange(B)
-        tokens_out: list[list[int]] = [[] for _ in range(B)]
-        finish = ["length"] * B
-        H, d = cfg.num_attention_heads, cfg.head_dim
-        Ks = [torch.empty(B, H, max_new, d, device=dev) for _ in m.layers]
-        Vs = [torch.empty(B, H, max_new, d, device=dev) for _ in m.layers]
-        logits = first_logits
+        # shared prefixes: each distinct request prefilled once, stacked and padded to T
+        prefixes = [self._prefill(self._prompt_ids(prompts[r], params[r].max_tokens)) for r, _, _ in chunk]
+        plen = torch.tensor([p[0][0][0].shape[2] for p in prefixes])
+        T = int(plen.max())
+        mask = torch.where(torch.arange(T)[None, :] < plen[:, None], 0.0, float("-inf"))[:, None, None, :]
+        kp = [torch.cat([F.pad(p[0][li][0], (0, 0, 0, T - p[0][li][0].shape[2])) for p in prefixes]) for li in range(len(m.layers))]
+        vp = [torch.cat([F.pad(p[0][li][1], (0, 0, 0, T - p[0][li][1].shape[2])) for p in prefixes]) for li in range(len(m.layers))]
+        logits = torch.stack([p[1] for p in prefixes]).repeat_interleave(R, dim=0)  # (B, V)
+        # per-row sampling state
+        keys = np.concatenate([row_keys(params[r].seed or 0, np.arange(params[r].first_sample + s0,
+                               params[r].first_sample + s0 + R)) for r, s0, _ in chunk])
+        per_row = lambda f, dt: torch.tensor([f(params[r]) for r, _, _ in chunk], dtype=dt).repeat_interleave(R)  # noqa: E731
+        temp = per_row(lambda p: p.temperature, torch.float32)
+        topk = per_row(lambda p: p.top_k, torch.long)
+        topp = per_row(lambda p: p.top_p, torch.float32)
+        limit = per_row(lambda p: p.max_tokens, torch.long)
+        filtered = bool((topk > 0).any() or (topp < 1).any() or (temp <= 0).any())
+        stop_rows = {}
+        for i, (r, _, _) in enumerate(chunk):
+            for st in params[r].stop:
+                if st:
+                    stop_rows.setdefault(st.encode(), torch.zeros(S, dtype=torch.bool))[i] = True
+        stops = [(torch.tensor(list(b)), rows.repeat_interleave(R)) for b, rows in stop_rows.items()]
+        # per-row decoding state for the live segments only; finished segments are written to `final`
+        tokens = torch.full((B, max_new), EOS_ID, dtype=torch.long)
+        length = torch.zeros(B, dtype=torch.long)
+        reason = torch.zeros(B, dtype=torch.long)  # 0 length, 1 EOS, 2 stop sequence
+        alive = torch.ones(B, dtype=torch.bool)
+        stop_has = [has for _, has in stops]
+        seg_ids = torch.arange(S)  # original index of each live segment
+        final_tokens = torch.empty((B, max_new), dtype=torch.long)
+        final_length = torch.empty(B, dtype=torch.long)
+        final_reason = torch.empty(B, dtype=torch.long)
+        Ks = [torch.empty(S, H, R, d, max_new, device=dev) for _ in m.layers]  # keys transposed
+        Vs = [torch.empty(S, H, R, max_new, d, device=dev) for _ in m.layers]
+        retired = torch.zeros(S, dtype=torch.bool)  # finished segments whose results are saved
         for step in range(max_new):
-            probs = sampling_distribution(logits, temp, topk, topp)
+            if filtered:
+                probs = sampling_distribution(logits, temp, topk, topp)
+            else:
+                probs = (logits.float() / temp[:, None]).softmax(dim=-1)
             u = torch.from_numpy(step_uniforms(keys, step)).to(probs.dtype)
             cdf = probs.cumsum(dim=-1)
-            tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(probs.shape[-1] - 1)[:, 0]
-            done_rows = []
-            for i, (row, g, t) in enumerate(zip(row_id.tolist(), group_of.tolist(), tok.tolist())):
-                if t == EOS_ID:
-                    finish[row] = "stop"
-                    done_rows.append(i)
-                    continue
-                toks = tokens_out[row]
-                toks.append(t)
-                if stops[g] and _ends_with_stop(toks, stops[g]):
-                    finish[row] = "stop"
-                    done_rows.append(i)
-                elif len(toks) >= limit[row]:
-                    done_rows.append(i)
-            done = torch.zeros(len(row_id), dtype=torch.bool)
-            done[done_rows] = True
-            if done.all() or step + 1 == max_new:
-                break
-            if done.any():
-                keep = ~done
-                row_id, group_of, keys = row_id[keep], group_of[keep], keys[keep.numpy()]
-                temp, topk, topp, tok = temp[keep], topk[keep], topp[keep], tok[keep]
-                prefix_len = prefix_len[keep]
-                Ks = [k[keep] for k in Ks]
-                Vs = [v[keep] for v in Vs]
-            logits = self._decode_step(tok, prefix_len + step, step, group_of, groups, Ks, Vs)
-        row = 0
-        for r, s, n in chunk:
+            tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0].clamp_max(probs.shape[-1] - 1)
+            tokens[:, step] = torch.where(alive, tok, tokens[:, step])
+            eos = alive & (tok == EOS_ID)
+            length += (alive & ~eos).long()
+            hit = torch.zeros_like(alive)
+            for (seq, _), has in zip(stops, stop_has):
+                if step + 1 >= len(seq):
+                    hit |= has & (tokens[:, step + 1 - len(seq): step + 1] == seq).all(dim=1)
+            hit &= alive & ~eos
+            done = eos | hit | (alive & (length >= limit))
+            reason = torch.where(eos, 1, torch.where(hit, 2, reason))
+            alive &= ~done
+            seg_live = alive.view(-1, R).any(dim=1)
+            if step + 1 == max_new:
+                seg_live = torch.zeros_like(seg_live)
+            newly = ~seg_live & ~retired
+            if newly.any():  # save the results of segments whose rows have all finished
+                gone = (seg_ids[newly][:, None] * R + torch.arange(R)).reshape(-1)
+                row_gone = newly.repeat_interleave(R)
+                final_tokens[gone], final_length[gone], final_reason[gone] = \
+                    tokens[row_gone], length[row_gone], reason[row_gone]
+                retired |= newly
+                if not seg_live.any():
+                    break
+            if retired.sum() * 2 >= len(retired):  # compact once half the segments are finished
+                keep, row_keep = seg_live, seg_live.repeat_interleave(R)
+                retired = retired[keep]
+                seg_ids, mask, plen = seg_ids[keep], mask[keep], plen[keep]
+                kp, vp = [k[keep] for k in kp], [v[keep] for v in vp]
+                Ks, Vs = [k[keep] for k in Ks], [v[keep] for v in Vs]
+                tok, tokens, length, reason, alive = (t[row_keep] for t in (tok, tokens, length, reason, alive))
+                temp, topk, topp, limit = (t[row_keep] for t in (temp, topk, topp, limit))
+                stop_has = [h[row_keep] for h in stop_has]
+                keys = keys[row_keep.numpy()]
+            logits = self._decode_step(tok, plen + step, step, R, kp, vp, mask, Ks, Vs)
+        tokens, length, reason = final_tokens.tolist(), final_length.tolist(), final_reason.tolist()
+        for i, (r, s0, n) in enumerate(chunk):
             for j in range(n):
-                toks = tokens_out[row]
+                row = i * R + j
+                toks = tokens[row][: length[row]]
                 text = decode(toks)
-                for st in params[r].stop:
-                    if st and text.endswith(st) and finish[row] == "stop":
-                        text = text[: -len(st)]
-                        break
-                out[r][s + j] = Completion(s + j, text, tuple(toks), finish[row])
-                row += 1
+                if reason[row] == 2:
+                    text = next((text[: -len(st)] for st in params[r].stop if st and text.endswith(st)), text)
+                out[r][s0 + j] = Completion(s0 + j, text, tuple(toks), "length" if reason[row] == 0 else "stop")
 
-    def _decode_step(self, tok, positions, step, group_of, groups, Ks, Vs):
-        """One token for every active row; returns next logits (B, V)."""
-        m = self.model
-        cfg = m.cfg
-        B = tok.shape[0]
-        H, d = cfg.num_attention_heads, cfg.head_dim
-        cos, sin = rope_tables(cfg, positions)  # (B, d)
+    def _decode_step(self, tok, positions, step, R, kp, vp, mask, Ks, Vs):
+        """One token for every row of the live segments; returns the next logits (S*R, V)."""
+        m, cfg = self.model, self.model.cfg
+        S = positions.shape[0]
+        H, d, C = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+        cos, sin = rope_tables(cfg, positions)  # (S, d): one position per segment
         cos, sin = cos[:, None, None, :], sin[:, None, None, :]
-        bounds = _group_bounds(group_of)
         scale = 1.0 / math.sqrt(d)
-        x = m.embed_tokens(tok)[:, None, :]  # (B, 1, C)
+        x = m.embed_tokens(tok)  # (S*R, C)
         for li, layer in enumerate(m.layers):
             att = layer.self_attn
-            h = layer.input_layernorm(x)
-            q, k, v = (proj(h).view(B, 1, H, d).transpose(1, 2) for proj in (att.q_proj, att.k_proj, att.v_proj))
+            qkv = F.linear(layer.input_layernorm(x), self._qkv[li]).view(S, R, 3, H, d)
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (S, H, R, d)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            Ks[li][:, :, step] = k[:, :, 0]
-            Vs[li][:, :, step] = v[:, :, 0]
-            ks, vs = Ks[li][:, :, : step + 1], Vs[li][:, :, : step + 1]
-            s_suffix = (q @ ks.transpose(-1, -2)) * scale  # (B, H, 1, step+1)
-            y = torch.empty(B, H, 1, d)
-            for g, a, b in bounds:
-                kp, vp = groups[g][0][li]  # (1, H, Tp, d)
-                s_prefix = (q[a:b] @ kp.transpose(-1, -2)) * scale  # (n, H, 1, Tp)
-                w = torch.cat([s_prefix, s_suffix[a:b]], dim=-1).softmax(dim=-1)
-                tp = kp.shape[2]
-                y[a:b] = w[..., :tp] @ vp + w[..., tp:] @ vs[a:b]
-            x = x + att.o_proj(y.transpose(1, 2).reshape(B, 1, cfg.hidden_size))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return m.norm(x)[:, 0] @ m.embed_tokens.weight.T
+            Ks[li][..., step] = k
+            Vs[li][..., step, :] = v
+            kt, vs = Ks[li][..., : step + 1], Vs[li][..., : step + 1, :]  # (S,H,R,d,s), (S,H,R,s,d)
+            s_prefix = q @ kp[li].transpose(-1, -2) * scale + mask  # (S, H, R, T)
+            s_suffix = (q[..., None, :] @ kt)[..., 0, :] * scale  # (S, H, R, s): batched, no copies
+            w = torch.cat([s_prefix, s_suffix], dim=-1).softmax(dim=-1)
+            T = s_prefix.shape[-1]
+            y = w[..., :T] @ vp[li] + (w[..., None, T:] @ vs)[..., 0, :]  # (S, H, R, d)
+            x = x + att.o_proj(y.transpose(1, 2).reshape(S * R, C))
+            gate, up = F.linear(layer.post_attention_layernorm(x), self._gate_up[li]).chunk(2, dim=-1)
+            x = x + layer.mlp.down_proj(layer.mlp.act(gate) * up)
+        return m.norm(x) @ m.embed_tokens.weight.T
 
     # scoring ------------------------------------------------------------------------------------
 
@@ -267,15 +292,3 @@ class TorchSampler:
         probs = sampling_distribution(logits, torch.full((n,), params.temperature),
                                       torch.full((n,), params.top_k), torch.full((n,), params.top_p))
         return float(torch.exp(torch.log(probs[torch.arange(n), torch.tensor(ids)]).sum()))
-
-
-def _ends_with_stop(toks: list[int], stops: list[bytes]) -> bool:
-    return any(len(toks) >= len(s) and bytes(toks[-len(s):]) == s for s in stops)
-
-
-def _group_bounds(group_of: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(group, start, end) of each run of equal group ids (rows are sorted by group)."""
-    ids, counts = torch.unique_consecutive(group_of, return_counts=True)
-    ends = counts.cumsum(0).tolist()
-    starts = [0, *ends[:-1]]
-    return list(zip(ids.tolist(), starts, ends))

@@ -18,7 +18,7 @@ import numpy as np
 from passuntil.models.tokenizer import EOS_ID
 from passuntil.tasks import bundled as B
 
-MIX = {"stdlib": 0.40, "arith": 0.15, "dates": 0.15, "reverse": 0.10, "code": 0.20}
+MIX = {"stdlib": 0.25, "arith": 0.20, "dates": 0.20, "reverse": 0.15, "code": 0.20}
 
 
 def stdlib_files() -> list[Path]:
@@ -43,7 +43,7 @@ def _stdlib_docs(rng: random.Random) -> Iterator[str]:
 def _arith_doc(rng: random.Random, held: set) -> str:
     lines = []
     while len(lines) < rng.randrange(8, 24):
-        digits_a, digits_b = rng.choice([(1, 2), (2, 2), (2, 3), (3, 3), (3, 3), (3, 2)])
+        digits_a, digits_b = rng.choice([(1, 1), (1, 2), (2, 1), (2, 2), (2, 2), (2, 2)])
         a = rng.randrange(10 ** (digits_a - 1), 10**digits_a)
         b = rng.randrange(10 ** (digits_b - 1), 10**digits_b)
         if (a, b) in held or (b, a) in held:
@@ -65,7 +65,7 @@ def _dates_doc(rng: random.Random, held: set) -> str:
 def _reverse_doc(rng: random.Random, held: set) -> str:
     lines = []
     while len(lines) < rng.randrange(6, 16):
-        s = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.choice([3, 4, 5, 5, 6])))
+        s = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.choice([2, 3, 3, 4])))
         if s not in held and s[::-1] not in held:
             lines.append(f"reverse: {s} -> {s[::-1]}")
     return "\n".join(lines) + "\n"

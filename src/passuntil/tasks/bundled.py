@@ -1,9 +1,9 @@
 """The bundled tasks, generated with a fixed seed, and the formats the training corpus uses.
 
-* "arith":   3-digit addition, "417+385=" -> "802" (zero-shot; the corpus has such lines).
+* "arith":   2-digit addition, "47+85=" -> "132" (zero-shot; the corpus has such lines).
 * "dates":   in-context date-format transforms in the style of BIG-bench's unnatural in-context
              learning: 4 solved examples of one transform, then a query.
-* "reverse": reverse a 5-letter string, "reverse: hqtbz -> " -> "zbtqh".
+* "reverse": reverse a 3-letter string, "reverse: hqt -> " -> "tqh".
 * "code":    a small HumanEval: a Python signature and docstring; the completion is the body,
              checked by executing unit tests.
 
@@ -39,8 +39,8 @@ DATE_FORMATS = {
     "eu": lambda d: d.strftime("%d.%m.%Y"),
     "long": lambda d: f"{MONTHS[d.month - 1]} {d.day}, {d.year}",
 }
-DATE_TRANSFORMS = [("iso", "us"), ("iso", "eu"), ("iso", "long"), ("us", "iso"), ("long", "iso"),
-                   ("eu", "us")]
+DATE_TRANSFORMS = [("iso", "us"), ("iso", "eu"), ("us", "iso")]
+REVERSE_LEN = 3
 
 
 def random_date(rng: random.Random) -> dt.date:
@@ -102,7 +102,7 @@ def heldout() -> dict[str, list]:
     rng = random.Random(SEED)
     arith = []
     while len(arith) < N_EVAL:
-        a, b = rng.randrange(100, 1000), rng.randrange(100, 1000)
+        a, b = rng.randrange(10, 100), rng.randrange(10, 100)
         if (a, b) not in arith and (b, a) not in arith:
             arith.append((a, b))
     dates = []
@@ -113,7 +113,7 @@ def heldout() -> dict[str, list]:
     letters = "abcdefghijklmnopqrstuvwxyz"
     strings = []
     while len(strings) < N_EVAL:
-        s = "".join(rng.choice(letters) for _ in range(5))
+        s = "".join(rng.choice(letters) for _ in range(REVERSE_LEN))
         if s not in strings and s[::-1] not in strings:
             strings.append(s)
     code = rng.sample(code_variants(), N_EVAL)
@@ -135,7 +135,7 @@ def make_bundled(name: str) -> Task:
     if name == "arith":
         inst = tuple(Instance(f"{i:02d}", f"{a}+{b}=", (str(a + b),)) for i, (a, b) in enumerate(items["arith"]))
         return Task("arith", inst, Exact(), stop=("\n",), max_new_tokens=6,
-                    source="bundled: 3-digit addition", description="a+b= with 3-digit operands")
+                    source="bundled: 2-digit addition", description="a+b= with 2-digit operands")
     if name == "dates":
         rng = random.Random(SEED + 1)
         inst = []
@@ -155,7 +155,7 @@ def make_bundled(name: str) -> Task:
     if name == "reverse":
         inst = tuple(Instance(f"{i:02d}", f"reverse: {s} -> ", (s[::-1],)) for i, s in enumerate(items["reverse"]))
         return Task("reverse", inst, Exact(), stop=("\n",), max_new_tokens=8,
-                    source="bundled: string reversal", description="reverse a 5-letter string")
+                    source="bundled: string reversal", description="reverse a 3-letter string")
     if name == "code":
         inst = []
         for i, (f, k) in enumerate(items["code"]):

@@ -1,0 +1,225 @@
+"""Task scaling-law fits and forecasts (paper §4.2-4.3, Eq. 4-5).
+
+The law: PU(N) = exp(-c N^-alpha), i.e. F = log(-log PU) = log c - alpha log N is a line in
+log N. Internally F = a - alpha (log N - x0), with x0 the mean log N of the fitted sizes.
+
+* `fit_dataset`: mean PU per model, least squares of F on log N (the paper's dataset level).
+* `fit_instances_ls`: one least-squares line per instance over its points with 0 < PU < 1,
+  forecasts averaged (paper Eq. 5). Instances with fewer than two such points cannot be fitted
+  and forecast 0 (the paper's weakness for hard instances).
+* `fit_likelihood`: every (passes, samples) pair enters a binomial likelihood (proportional to
+  the negative-binomial one, so valid under PassUntil's stopping rule), zero-pass and
+  budget-stopped cells included; per-instance (a, alpha) are partially pooled through a
+  Gaussian prior whose mean and covariance are estimated from all instances (empirical Bayes,
+  EM with Laplace posteriors). Hard instances borrow strength instead of being dropped.
+
+Every fit gives `forecast(N, level)`: a point forecast of the mean PU over the instances at N
+with a prediction interval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from passuntil.scaling.data import SeriesCounts
+
+F_MIN, F_MAX = -12.0, 6.0  # F = log(-log p): p from ~1 - 6e-6 to exp(-403)
+
+
+def law_p(f: np.ndarray) -> np.ndarray:
+    return np.exp(-np.exp(np.clip(f, F_MIN, F_MAX)))
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """A forecast of the mean PU over instances at one size, with its interval."""
+
+    n_params: float
+    point: float
+    low: float
+    high: float
+    level: float
+    method: str
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"n_params": self.n_params, "point": self.point, "low": self.low, "high": self.high,
+                "level": self.level, "method": self.method, "warnings": list(self.warnings)}
+
+
+@dataclass(frozen=True)
+class TaskFit:
+    """Fitted per-instance lines F_i = a_i - alpha_i (log N - x0) and how to draw from them."""
+
+    method: str
+    x0: float
+    a: np.ndarray  # (I,) NaN where an instance could not be fitted (it then forecasts 0)
+    alpha: np.ndarray  # (I,)
+    cov: np.ndarray | None  # (I, 2, 2) posterior covariance of (a, alpha), if known
+    draws_ab: np.ndarray | None = None  # (B, I, 2) resampled parameters (bootstrap fits)
+    fitted_n: tuple[float, ...] = ()
+    extra: dict = field(default_factory=dict)
+
+    def instance_p(self, n_params: float) -> np.ndarray:
+        x = np.log(n_params) - self.x0
+        p = law_p(self.a - self.alpha * x)
+        return np.where(np.isnan(self.a), 0.0, p)
+
+    def predict(self, n_params: float) -> float:
+        """Point forecast: the mean over instances of each instance's law at N."""
+        return float(np.mean(self.instance_p(n_params)))
+
+    def sample_means(self, n_params: float, *, draws: int = 2000, seed: int = 0) -> np.ndarray:
+        """Draws of the mean PU at N reflecting the fit's uncertainty."""
+        x = np.log(n_params) - self.x0
+        if self.draws_ab is not None:
+            a, al = self.draws_ab[..., 0], self.draws_ab[..., 1]
+            p = np.where(np.isnan(a), 0.0, law_p(a - al * x))
+            return p.mean(axis=1)
+        if self.cov is None:
+            raise ValueError(f"{self.method} fit has no uncertainty model")
+        rng = np.random.default_rng(seed)
+        ok = ~np.isnan(self.a)
+        chol = np.linalg.cholesky(self.cov[ok] + 1e-12 * np.eye(2))
+        z = rng.standard_normal((draws, ok.sum(), 2))
+        theta = np.stack([self.a[ok], self.alpha[ok]], -1)[None] + np.einsum("ijk,bik->bij", chol, z)
+        if "shrink" in self.extra:  # the estimated prior mean is uncertain too, and shared
+            mu_cov = np.asarray(self.extra["prior_mean_cov"])
+            delta = rng.multivariate_normal(np.zeros(2), mu_cov, size=draws)  # (B, 2)
+            theta = theta + np.einsum("ijk,bk->bij", np.asarray(self.extra["shrink"])[ok], delta)
+        p = law_p(theta[..., 0] - theta[..., 1] * x)
+        return p.sum(axis=1) / self.a.size
+
+    def forecast(self, n_params: float, *, level: float = 0.9, seed: int = 0) -> Forecast:
+        """Point and interval at N. For the likelihood fit the point is the posterior mean of the
+        mean PU (the mode's plug-in value is biased low where instances are uncertain)."""
+        means = self.sample_means(n_params, seed=seed)
+        lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+        point = float(means.mean()) if self.method == "likelihood" else self.predict(n_params)
+        warn = ()
+        if np.isnan(self.a).any():
+            warn = (f"{int(np.isnan(self.a).sum())} instance(s) had too few non-zero points to fit "
+                    "and forecast 0",)
+        return Forecast(float(n_params), point, float(lo), float(hi), level, self.method, warn)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "x0": self.x0, "a": self.a.tolist(), "alpha": self.alpha.tolist(),
+                "fitted_n": list(self.fitted_n), **self.extra}
+
+
+def _line(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> tuple[float, float]:
+    """Weighted least squares y = a - alpha x; returns (a, alpha)."""
+    w = np.ones_like(x) if w is None else w
+    xm, ym = np.average(x, weights=w), np.average(y, weights=w)
+    sxx = np.sum(w * (x - xm) ** 2)
+    slope = np.sum(w * (x - xm) * (y - ym)) / sxx
+    return float(ym - slope * xm), float(-slope)
+
+
+def fit_dataset(counts: SeriesCounts, *, n_boot: int = 1000, seed: int = 0) -> TaskFit:
+    """Dataset level: regress log(-log mean PU) on log N; bootstrap over instances for the interval."""
+    x = counts.log_n - counts.log_n.mean()
+    pu = np.nan_to_num(counts.pu)
+
+    def one(p_mean):
+        ok = (p_mean > 0) & (p_mean < 1)
+        if ok.sum() < 2:
+            return np.nan, np.nan
+        return _line(x[ok], np.log(-np.log(p_mean[ok])))
+
+    a, alpha = one(pu.mean(axis=0))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, pu.shape[0], size=(n_boot, pu.shape[0]))
+    boots = np.array([one(pu[i].mean(axis=0)) for i in idx])  # (B, 2)
+    boots = boots[~np.isnan(boots[:, 0])]
+    draws = boots[:, None, :]  # one "instance": the dataset mean
+    return TaskFit("dataset", float(counts.log_n.mean()), np.array([a]), np.array([alpha]), None, draws,
+                   tuple(counts.n_params.tolist()))
+
+
+def fit_instances_ls(counts: SeriesCounts, *, n_boot: int = 200, seed: int = 0) -> TaskFit:
+    """Paper Eq. 5: a least-squares line per instance on its points with 0 < PU < 1.
+
+    The interval comes from a parametric bootstrap: counts are redrawn (binomially, at the
+    observed sample sizes) from each instance's fitted law and every instance refitted.
+    """
+    x = counts.log_n - counts.log_n.mean()
+
+    def fit_all(k, n):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            pu = np.where(n > 0, k / np.maximum(n, 1), np.nan)
+        ab = np.full((k.shape[0], 2), np.nan)
+        for i in range(k.shape[0]):
+            ok = (pu[i] > 0) & (pu[i] < 1)
+            if ok.sum() >= 2:
+                ab[i] = _line(x[ok], np.log(-np.log(pu[i, ok])))
+        return ab
+
+    ab = fit_all(counts.passes, counts.samples)
+    rng = np.random.default_rng(seed)
+    p_fit = np.where(np.isnan(ab[:, :1]), np.nan_to_num(counts.pu), law_p(ab[:, :1] - ab[:, 1:] * x[None]))
+    draws = np.array([fit_all(rng.binomial(counts.samples, np.clip(p_fit, 0, 1)), counts.samples)
+                      for _ in range(n_boot)])
+    return TaskFit("instance-ls", float(counts.log_n.mean()), ab[:, 0], ab[:, 1], None, draws,
+                   tuple(counts.n_params.tolist()))
+
+
+def _posterior_modes(k, n, x, theta, mu, prec, iters=40):
+    """Fisher scoring for every instance at once: maximise binomial log-lik + Gaussian log-prior."""
+    J = np.stack([np.ones_like(x), -x], -1)  # (M, 2)
+    for _ in range(iters):
+        f = np.clip(theta[:, :1] - theta[:, 1:] * x[None], F_MIN, F_MAX)  # (I, M)
+        u = np.exp(f)
+        em1 = np.expm1(u)
+        g = np.where(n > 0, u * (-k + (n - k) / em1), 0.0)  # dlogL/dF
+        w = np.where(n > 0, n * u * u / em1, 0.0)  # Fisher information in F
+        grad = g @ J - (theta - mu) @ prec  # (I, 2)
+        H = np.einsum("im,mj,mk->ijk", w, J, J) + prec  # (I, 2, 2)
+        step = np.linalg.solve(H, grad[..., None])[..., 0]
+        step *= np.minimum(1.0, 2.0 / np.maximum(np.abs(step).max(axis=1, keepdims=True), 1e-12))
+        theta = theta + step
+        if np.abs(step).max() < 1e-7:
+            break
+    return theta, np.linalg.inv(H)
+
+
+def fit_likelihood(counts: SeriesCounts, *, pooling: bool = True, em_iters: int = 30,
+                   bias_reduced: bool = False) -> TaskFit:
+    """Binomial likelihood on every (passes, samples) pair with partially pooled instance laws.
+
+    bias_reduced: a cell that stopped at its K-th pass enters as (K - 1) passes in n - 1
+    samples, the likelihood whose maximiser is the unbiased (K-1)/(n-1) rather than the upward
+    biased K/n (2x at K = 2, see docs/statistics.md).
+    """
+    x0 = float(counts.log_n.mean())
+    x = counts.log_n - x0
+    k, n = counts.passes.astype(float), counts.samples.astype(float)
+    if bias_reduced:
+        at_k = (k >= counts.k_target) & (n > 0)
+        k, n = np.where(at_k, k - 1, k), np.where(at_k, n - 1, n)
+    # start from the pooled (dataset) line fitted by likelihood with a vague prior
+    vague = np.diag([1e-4, 1e-4])
+    pooled, _ = _posterior_modes(k.sum(0, keepdims=True), n.sum(0, keepdims=True), x,
+                                 np.array([[1.0, 0.5]]), np.zeros(2), vague)
+    mu = pooled[0]
+    sigma = np.diag([4.0, 0.5])
+    theta = np.repeat(mu[None], k.shape[0], axis=0)
+    if not pooling:
+        theta, cov = _posterior_modes(k, n, x, theta, mu, np.diag([1e-2, 1e-2]))
+        return TaskFit("likelihood-unpooled", x0, theta[:, 0], theta[:, 1], cov, None, tuple(counts.n_params.tolist()))
+    for _ in range(em_iters):
+        theta, cov = _posterior_modes(k, n, x, theta, mu, np.linalg.inv(sigma))
+        mu = theta.mean(axis=0)
+        d = theta - mu
+        sigma = (d.T @ d + cov.sum(axis=0)) / len(theta) + 1e-4 * np.eye(2)
+    prec = np.linalg.inv(sigma)
+    shrink = cov @ prec  # d(posterior mode)/d(prior mean), per instance
+    mu_cov = (sigma + cov.mean(axis=0)) / len(theta)  # sampling variance of the estimated prior mean
+    return TaskFit("likelihood", x0, theta[:, 0], theta[:, 1], cov, None, tuple(counts.n_params.tolist()),
+                   {"prior_mean": mu.tolist(), "prior_cov": sigma.tolist(), "shrink": shrink.tolist(),
+                    "prior_mean_cov": mu_cov.tolist()})
+
+
+FITTERS = {"likelihood": fit_likelihood, "instance-ls": fit_instances_ls, "dataset": fit_dataset}
