@@ -68,9 +68,10 @@ class TorchSampler:
         self._prefix_cache = prefix_cache
         # fused projections for decoding: one matmul for q|k|v and one for gate|up per layer
         with torch.no_grad():
-            self._qkv = [torch.cat([l.self_attn.q_proj.weight, l.self_attn.k_proj.weight,
-                                    l.self_attn.v_proj.weight]) for l in self.model.layers]
-            self._gate_up = [torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]) for l in self.model.layers]
+            layers = self.model.layers
+            self._qkv = [torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight,
+                                    b.self_attn.v_proj.weight]) for b in layers]
+            self._gate_up = [torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]) for b in layers]
 
     @classmethod
     def from_folder(cls, folder: str | Path, **kw) -> TorchSampler:
