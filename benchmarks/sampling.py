@@ -19,6 +19,7 @@ import torch
 
 from passuntil.backends.base import SamplingParams
 from passuntil.backends.torch_backend import TorchSampler
+from passuntil.models.checkpoint import load_checkpoint
 from passuntil.models.tokenizer import encode
 from passuntil.tasks import get_task
 
@@ -46,8 +47,7 @@ def main() -> None:
                      key=lambda p: int(p.name.split("-")[1]))
     folder = BUNDLED / args.model if args.model else folders[-1]
     dtype = getattr(torch, args.dtype)
-    ours = TorchSampler.from_folder(folder)
-    ours.model.to(dtype)
+    ours = TorchSampler(load_checkpoint(folder).to(dtype), name=folder.name)
     tasks = [get_task(t) for t in ("arith", "dates", "reverse", "code")]
     prompts = [t.prompt(t.instances[0]) for t in tasks]
     params = [SamplingParams(n=args.n, seed=1, stop=t.stop, max_tokens=t.max_new_tokens) for t in tasks]

@@ -109,3 +109,14 @@ def test_series_file(tmp_path, capsys):
 def test_tasks_lists_builtin_tasks(capsys):
     code, out, _ = run_cli(capsys, "tasks")
     assert code == 0 and "sim-scaling" in out and "20" in out
+
+
+def test_bundled_task_runs_on_the_bundled_series_by_default(tmp_path, capsys):
+    store = tmp_path / "b.sqlite"
+    code, out, err = run_cli(capsys, "eval", "--task", "arith", "--model", "tiny-2", "--store", str(store),
+                             "--max-samples", "20", "--k", "1")
+    assert code == 0, err
+    code, out, _ = run_cli(capsys, "show", str(store), "--instances")
+    assert code == 0 and "tiny-2" in out and "exact p" in out
+    df = pd.read_sql("SELECT * FROM reference_scores", sqlite3.connect(store))
+    assert len(df) == 40 and (df["exact_p"] > 0).all()

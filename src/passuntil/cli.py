@@ -37,7 +37,7 @@ def _open_store(path: str, *, create: bool):
 
 @cli.command("eval")
 @click.option("--task", "tasks", multiple=True, help="Task name (repeat for several).")
-@click.option("--series", default=None, help="Built-in series name or series file [default: sim].")
+@click.option("--series", default=None, help="Built-in series (tiny, sim) or a series file [tiny; sim for sim-* tasks].")
 @click.option("--model", "models", multiple=True, help="Only these models of the series.")
 @click.option("--store", "store_path", default="runs/passuntil.sqlite", show_default=True,
               help="Run store (SQLite file).")
@@ -83,11 +83,14 @@ def show(store_path, run_id, instances, confidence):
         raise UserError(f"run {run_id!r} has no results yet")
     if instances:
         table = Table(title=f"{run_id}: PassUntil per instance ({confidence:.0%} exact intervals)")
-        for col in ("model", "task", "instance", "passes", "samples", "PU", "interval", "stopped"):
-            table.add_column(col, justify="right" if col in ("passes", "samples", "PU") else "left")
+        for col in ("model", "task", "instance", "passes", "samples", "PU", "interval", "exact p",
+                    "ref loss", "stopped"):
+            table.add_column(col, justify="left" if col in ("model", "task", "instance", "stopped") else "right")
         for r in df.itertuples():
+            exact = "" if r.exact_p != r.exact_p or r.exact_p is None else f"{r.exact_p:.3g}"
+            loss = "" if not r.ref_tokens or r.ref_tokens != r.ref_tokens else f"{-r.ref_logprob / r.ref_tokens:.3f}"
             table.add_row(r.model, r.task, r.instance_id, str(r.passes), f"{r.samples:,}", f"{r.pu:.3g}",
-                          f"[{r.ci_low:.2g}, {r.ci_high:.2g}]", r.stopped or "running")
+                          f"[{r.ci_low:.2g}, {r.ci_high:.2g}]", exact, loss, r.stopped or "running")
     else:
         table = Table(title=f"{run_id}: mean PassUntil over instances (bootstrap SE)")
         for col in ("model", "N", "task", "non-zero", "mean PU", "SE", "samples", "done"):

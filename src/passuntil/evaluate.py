@@ -47,13 +47,19 @@ def resolve_config(
     if not tasks:
         raise UserError("name at least one task (--task NAME); `passuntil tasks` lists them")
     cfg = EngineConfig(**{k: v for k, v in engine_overrides.items() if v is not None})
-    chosen = load_series(series or "sim").select(models)
+    series = series or default_series(tasks)
+    chosen = load_series(series).select(models)
     for name in tasks:
         get_task(name)
-    config = {"engine": cfg.to_dict(), "tasks": list(tasks), "series": series or "sim",
+    config = {"engine": cfg.to_dict(), "tasks": list(tasks), "series": series,
               "models": [m.to_dict() for m in chosen]}
     store.create_run(run_id, config, config["models"])
     return config
+
+
+def default_series(tasks: Sequence[str]) -> str:
+    """The simulated series for the simulated tasks, the bundled series for everything else."""
+    return "sim" if all(t.startswith("sim-") for t in tasks) else "tiny"
 
 
 def run_eval(store: Store, run_id: str, config: dict, *, progress: Progress | None = None

@@ -102,18 +102,22 @@ class TorchSampler:
     # generation -------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> list[list[Completion]]:
+        """Requests are cut into segments of R rows (R = n rounded up to a power of two, at most
+        32); segments of one R decode together in chunks of at most `max_rows` rows."""
         out: list[list[Completion | None]] = [[None] * sp.n for sp in params]
-        seg = min(32, 1 << max(0, max(sp.n for sp in params) - 1).bit_length()) if params else 1
-        chunk, rows = [], 0
+        by_size: dict[int, list[int]] = {}
         for r, sp in enumerate(params):
-            for start in range(0, sp.n, seg):
-                chunk.append((r, start, min(seg, sp.n - start)))
-                rows += seg
-                if rows + seg > self.max_rows:
-                    self._generate_chunk(chunk, seg, prompts, params, out)
-                    chunk, rows = [], 0
-        if chunk:
-            self._generate_chunk(chunk, seg, prompts, params, out)
+            by_size.setdefault(min(32, 1 << (sp.n - 1).bit_length()), []).append(r)
+        for seg, requests in sorted(by_size.items()):
+            chunk = []
+            for r in requests:
+                for start in range(0, params[r].n, seg):
+                    chunk.append((r, start, min(seg, params[r].n - start)))
+                    if (len(chunk) + 1) * seg > self.max_rows:
+                        self._generate_chunk(chunk, seg, prompts, params, out)
+                        chunk = []
+            if chunk:
+                self._generate_chunk(chunk, seg, prompts, params, out)
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
@@ -157,8 +161,10 @@ class TorchSampler:
         final_tokens = torch.empty((B, max_new), dtype=torch.long)
         final_length = torch.empty(B, dtype=torch.long)
         final_reason = torch.empty(B, dtype=torch.long)
-        Ks = [torch.empty(S, H, R, d, max_new, device=dev) for _ in m.layers]  # keys transposed
-        Vs = [torch.empty(S, H, R, max_new, d, device=dev) for _ in m.layers]
+        dt = m.embed_tokens.weight.dtype
+        mask = mask.to(dt)
+        Ks = [torch.empty(S, H, R, d, max_new, device=dev, dtype=dt) for _ in m.layers]  # keys transposed
+        Vs = [torch.empty(S, H, R, max_new, d, device=dev, dtype=dt) for _ in m.layers]
         retired = torch.zeros(S, dtype=torch.bool)  # finished segments whose results are saved
         for step in range(max_new):
             if filtered:
@@ -218,7 +224,8 @@ class TorchSampler:
         S = positions.shape[0]
         H, d, C = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
         cos, sin = rope_tables(cfg, positions)  # (S, d): one position per segment
-        cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+        dt = m.embed_tokens.weight.dtype
+        cos, sin = cos[:, None, None, :].to(dt), sin[:, None, None, :].to(dt)
         scale = 1.0 / math.sqrt(d)
         x = m.embed_tokens(tok)  # (S*R, C)
         for li, layer in enumerate(m.layers):

@@ -159,8 +159,8 @@ class Transformer(nn.Module):
     def hidden(self, idx, positions=None):
         T = idx.shape[1]
         positions = torch.arange(T) if positions is None else positions
-        cos, sin = rope_tables(self.cfg, positions)
         x = self.embed_tokens(idx)  # (B, T, C)
+        cos, sin = (t.to(x.dtype) for t in rope_tables(self.cfg, positions))
         kvs = []
         for layer in self.layers:
             x, kv = layer(x, cos, sin)

@@ -1,0 +1,156 @@
+"""Emergence categories (paper Definition 1) and the circuit / multi-step hypotheses.
+
+Let F(N) = log(-log PU(N)) with PU the dataset mean over instances. Against log N:
+
+* linear  — scaling-law growth (the task law holds);
+* convex  — sub-scaling growth (growth slows; what multi-step reasoning produces, Theorem 2);
+* concave — super-scaling growth, "accelerated emergence" (growth speeds up; what several
+  circuits in soft majority produce, Theorem 3) — extrapolating a line is unsafe;
+* mixed   — both (the second derivative changes sign inside the measured range).
+
+The test: fit F = b0 + b1 x + b2 x^2 (x = standardised log N) by weighted least squares, and get
+the standard error of the curvature b2 by bootstrapping instances (the paper bootstraps 100
+times over its 20 instances); the class is linear unless |b2| / SE exceeds `z_crit`.
+The plain law, a two-circuit soft mixture and a two-step product are fitted to the mean PU and
+compared by AIC and BIC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize
+
+from passuntil.scaling.data import SeriesCounts
+
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class ModelComparison:
+    name: str
+    params: dict
+    chi2: float
+    aic: float
+    bic: float
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "params": self.params, "chi2": self.chi2, "aic": self.aic, "bic": self.bic}
+
+
+@dataclass(frozen=True)
+class EmergenceResult:
+    category: str  # linear | convex | concave | mixed | undetermined
+    curvature: float  # b2 in F = b0 + b1 x + b2 x^2, x standardised log N
+    curvature_se: float
+    z: float
+    n_boot: int
+    models_used: int
+    comparisons: tuple[ModelComparison, ...] = ()
+    note: str = ""
+
+    @property
+    def accelerated(self) -> bool:
+        return self.category in ("concave", "mixed")
+
+    def to_dict(self) -> dict:
+        return {"category": self.category, "curvature": self.curvature, "curvature_se": self.curvature_se,
+                "z": self.z, "n_boot": self.n_boot, "models_used": self.models_used,
+                "comparisons": [c.to_dict() for c in self.comparisons], "note": self.note}
+
+
+def _f_curve(pu_matrix: np.ndarray) -> np.ndarray:
+    """F per model from an (instances, models) PU matrix: log(-log mean PU)."""
+    mean = np.clip(np.nanmean(pu_matrix, axis=0), EPS, 1 - 1e-9)
+    return np.log(-np.log(mean))
+
+
+def _poly(x, y, deg):
+    return np.polynomial.polynomial.polyfit(x, y, deg)
+
+
+def classify(counts: SeriesCounts, *, n_boot: int = 100, z_crit: float = 2.5, seed: int = 0,
+             compare: bool = True) -> EmergenceResult:
+    """Classify the task's scaling curve; needs at least 4 sizes with a non-zero mean PU."""
+    pu = np.where(counts.samples > 0, counts.passes / np.maximum(counts.samples, 1), np.nan)
+    mean = np.nanmean(pu, axis=0)
+    use = (mean > 0) & (mean < 1)
+    if use.sum() < 4:
+        return EmergenceResult("undetermined", np.nan, np.nan, np.nan, 0, int(use.sum()),
+                               note="fewer than 4 sizes with a non-zero mean PU")
+    logn = counts.log_n[use]
+    x = (logn - logn.mean()) / logn.std()
+    f = _f_curve(pu[:, use])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, pu.shape[0], size=(n_boot, pu.shape[0]))
+    boot_f = np.array([_f_curve(pu[i][:, use]) for i in idx])  # (B, M)
+    boot_b = np.array([_poly(x, bf, 2) for bf in boot_f])
+    b = _poly(x, f, 2)
+    se = float(boot_b[:, 2].std(ddof=1))
+    z = float(b[2] / se) if se > 0 else 0.0
+    category = "linear"
+    if abs(z) > z_crit:
+        category = "convex" if b[2] > 0 else "concave"
+    if use.sum() >= 5:  # mixed: a significant cubic term whose curvature changes sign in range
+        c = _poly(x, f, 3)
+        c_se = np.array([_poly(x, bf, 3) for bf in boot_f])[:, 3].std(ddof=1)
+        second = 2 * c[2] + 6 * c[3] * x
+        if c_se > 0 and abs(c[3] / c_se) > z_crit and second.min() < 0 < second.max():
+            category = "mixed"
+    comparisons = ()
+    if compare:
+        var = np.maximum(boot_f.var(axis=0, ddof=1), 1e-6)
+        comparisons = compare_hypotheses(logn, f, var)
+    return EmergenceResult(category, float(b[2]), se, z, n_boot, int(use.sum()), comparisons)
+
+
+def _circuit_p(logn, c, a):
+    return np.exp(-np.exp(c - a * logn))
+
+
+def _hypotheses():
+    """name -> (F as a function of (log N, params), initial guesses, parameter names)."""
+    def law(x, t):
+        return t[0] - t[1] * x
+
+    def two_circuits(x, t):  # PU = w exp(-c1 N^-a1) + (1 - w) exp(-c2 N^-a2), w = sigmoid(t[4])
+        w = 1 / (1 + np.exp(-t[4]))
+        p = w * _circuit_p(x, t[0], t[1]) + (1 - w) * _circuit_p(x, t[2], t[3])
+        return np.log(-np.log(np.clip(p, EPS, 1 - 1e-12)))
+
+    def two_steps(x, t):  # PU = exp(-c1 N^-a1) exp(-c2 N^-a2)
+        return np.log(np.exp(t[0] - t[1] * x) + np.exp(t[2] - t[3] * x))
+
+    return {"scaling law": (law, ["log_c", "alpha"]),
+            "two circuits": (two_circuits, ["log_c1", "alpha1", "log_c2", "alpha2", "w_logit"]),
+            "two steps": (two_steps, ["log_c1", "alpha1", "log_c2", "alpha2"])}
+
+
+def compare_hypotheses(logn: np.ndarray, f: np.ndarray, var: np.ndarray) -> tuple[ModelComparison, ...]:
+    """Weighted fits of F with the plain law, two circuits and two steps; AIC/BIC from chi^2."""
+    xm = logn.mean()
+    slope, icpt = np.polyfit(logn - xm, f, 1)
+    a0, c0 = -slope, icpt + (-slope) * xm  # F = c - a log N
+    starts = {"scaling law": [[c0, a0]],
+              "two circuits": [[c0, a0, c0 + s * a0 * 2 * xm, a0 * (1 + s * 2), w]
+                               for s in (0.5, 1.0) for w in (-1.0, 0.0, 1.0)],
+              "two steps": [[c0 - 0.7, a0 * 0.5, c0 - 0.7, a0 * 1.5], [c0, a0, c0 - 3, a0 * 0.3]]}
+    out = []
+    for name, (fn, names) in _hypotheses().items():
+        best = None
+        for t0 in starts[name]:
+            try:
+                r = optimize.least_squares(lambda t, fn=fn: (fn(logn, t) - f) / np.sqrt(var), t0,
+                                           method="lm" if len(t0) <= len(f) else "trf", max_nfev=4000)
+            except (ValueError, FloatingPointError):
+                continue
+            if best is None or r.cost < best.cost:
+                best = r
+        if best is None:
+            continue
+        chi2 = 2 * best.cost
+        k = len(names)
+        out.append(ModelComparison(name, dict(zip(names, best.x.tolist())), float(chi2),
+                                   float(chi2 + 2 * k), float(chi2 + k * np.log(len(f)))))
+    return tuple(out)

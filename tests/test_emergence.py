@@ -1,0 +1,57 @@
+"""Emergence classes on simulated series with known per-instance truths (seeded)."""
+
+import numpy as np
+
+from passuntil.emergence import classify
+from passuntil.scaling.data import SeriesCounts
+from passuntil.simulation import simulate_counts
+
+N = np.array([3.6e7, 1.09e8, 2.41e8, 4.99e8, 8.92e8, 1.542e9, 2.45e9])
+X = np.log(N) - np.log(N).mean()
+
+
+def _law(a, alpha):
+    return np.exp(-np.exp(a[:, None] - alpha[:, None] * X[None]))
+
+
+def truth(kind, rng, instances=20):
+    a, alpha = rng.normal(1.0, 0.5, instances), rng.uniform(0.35, 0.6, instances)
+    if kind == "linear":
+        return _law(a, alpha)
+    # slow circuit + a steep one that takes over in the upper half: accelerated emergence
+    return 0.5 * _law(a + 0.5, alpha * 0.4) + 0.5 * _law(a + 1.82, alpha * 3.0)
+
+
+def series(p, rng, k_target=2, budget=10_000):
+    k, n = np.zeros(p.shape, dtype=np.int64), np.zeros(p.shape, dtype=np.int64)
+    for i in range(p.shape[0]):
+        for m in range(p.shape[1]):
+            (k[i, m],), (n[i, m],) = simulate_counts(p[i, m], k_target=k_target, max_samples=budget, runs=1, rng=rng)
+    return SeriesCounts(N, k, n, k_target)
+
+
+def test_linear_series_are_classified_linear():
+    rng = np.random.default_rng(0)
+    got = [classify(series(truth("linear", rng), rng), compare=False).category for _ in range(60)]
+    assert got.count("linear") >= 57  # >= 95%
+
+
+def test_accelerated_series_are_flagged():
+    rng = np.random.default_rng(1)
+    results = [classify(series(truth("circuits", rng), rng), compare=False) for _ in range(60)]
+    assert sum(r.accelerated for r in results) >= 54  # >= 90% concave or mixed
+    assert all(r.curvature < 0 for r in results if r.accelerated)
+
+
+def test_two_circuit_model_beats_the_plain_law_on_accelerated_series():
+    rng = np.random.default_rng(2)
+    r = classify(series(truth("circuits", rng, instances=40), rng, budget=100_000))
+    aic = {c.name: c.aic for c in r.comparisons}
+    assert aic["two circuits"] < aic["scaling law"]
+    assert set(r.to_dict()) >= {"category", "curvature", "curvature_se", "comparisons"}
+
+
+def test_too_few_sizes_is_undetermined():
+    rng = np.random.default_rng(3)
+    c = series(truth("linear", rng), rng).select_models(np.arange(3))
+    assert classify(c).category == "undetermined"
