@@ -51,8 +51,9 @@ def main() -> None:
                                     "check_workers": 2 if task_name == "code" else 0})
         with RichProgress(len(series.models) * 40) as progress:
             run_eval(store, run, config, progress=progress)
-        df = estimates_table(store, run)
         task = get_task(task_name)
+        df = estimates_table(store, run)
+        df = df[df["instance_id"].isin({x.id for x in task.instances})]
         for spec in series.models:
             g = df[df["model"] == spec.name]
             acc = greedy_accuracy(open_sampler(spec, [task]), task)
