@@ -74,8 +74,8 @@ def make_task(name: str, *, seed: int = 0) -> Task:
         stop=("\n",),
         max_new_tokens=8,
         source="simulated (known true law per instance)",
-        description=(__doc__ or "").split("\n\n")[1].strip() if name == "sim-scaling" else
-        "two circuits in soft majority: accelerated emergence",
+        description={"sim-scaling": "the task scaling law: log(-log p) linear in log N",
+                     "sim-accelerated": "two circuits in soft majority: accelerated emergence"}[name],
     )
 
 
