@@ -28,7 +28,9 @@ def test_likelihood_recovers_the_law_with_plenty_of_data():
     fit = fit_likelihood(counts.select_models(np.arange(6)))
     assert fit.predict(N[-1]) == pytest.approx(p[:, -1].mean(), rel=0.03)
     f = fit.forecast(N[-1], level=0.9)
-    assert f.low < f.point < f.high and f.high - f.low < 0.1 * f.point
+    assert f.low < f.point < f.high
+    noise_only = fit.sample_means(N[-1], resample_instances=False)  # parameter uncertainty alone
+    assert noise_only.std() < 0.02 * f.point < (f.high - f.low)
 
 
 def test_likelihood_beats_least_squares_when_small_models_have_zero_passes(capsys):
@@ -63,3 +65,22 @@ def test_counts_from_tidy_table():
     assert c.models == ("a", "b") and c.instance_ids == ("x", "y")
     assert c.passes.tolist() == [[0, 1], [1, 2]] and c.samples.tolist() == [[100, 10], [50, 5]]
     assert c.ref_loss.tolist() == [[2.0, 1.0], [3.0, 1.0]]
+
+
+def test_interval_coverage_for_the_task_population(capsys):
+    """90% intervals (sampling noise + instance resampling) for the held-out largest model cover the
+    task's population mean PU (what a fresh test set would measure) in 80-97% of 100 series.
+    (Coverage of the same 20 instances' mean without instance resampling is still too low:
+    ~66%; see the open issue.)"""
+    rng = np.random.default_rng(5)
+    x0 = np.log(N[:-1]).mean()
+    big = np.random.default_rng(99)
+    population = law_p(big.normal(1.0, 0.6, 200_000) - big.uniform(0.3, 0.7, 200_000) * (np.log(N[-1]) - x0)).mean()
+    hits = 0
+    for _ in range(100):
+        counts, _ = simulated_series(rng)
+        f = fit_likelihood(counts.select_models(np.arange(6))).forecast(N[-1], level=0.9)
+        hits += f.low <= population <= f.high
+    with capsys.disabled():
+        print(f"\n90% interval coverage of the population mean PU at the held-out size: {hits}%")
+    assert 80 <= hits <= 97

@@ -71,8 +71,10 @@ class TaskFit:
         """Point forecast: the mean over instances of each instance's law at N."""
         return float(np.mean(self.instance_p(n_params)))
 
-    def sample_means(self, n_params: float, *, draws: int = 2000, seed: int = 0) -> np.ndarray:
-        """Draws of the mean PU at N reflecting the fit's uncertainty."""
+    def sample_means(self, n_params: float, *, draws: int = 2000, seed: int = 0,
+                     resample_instances: bool = True) -> np.ndarray:
+        """Draws of the mean PU at N: parameter uncertainty (sampling noise) and, by default,
+        instance resampling (the test set is a sample of the task's instances)."""
         x = np.log(n_params) - self.x0
         if self.draws_ab is not None:
             a, al = self.draws_ab[..., 0], self.draws_ab[..., 1]
@@ -89,8 +91,11 @@ class TaskFit:
             mu_cov = np.asarray(self.extra["prior_mean_cov"])
             delta = rng.multivariate_normal(np.zeros(2), mu_cov, size=draws)  # (B, 2)
             theta = theta + np.einsum("ijk,bk->bij", np.asarray(self.extra["shrink"])[ok], delta)
-        p = law_p(theta[..., 0] - theta[..., 1] * x)
-        return p.sum(axis=1) / self.a.size
+        p = law_p(theta[..., 0] - theta[..., 1] * x)  # (B, I_ok)
+        p = np.concatenate([p, np.zeros((draws, self.a.size - ok.sum()))], axis=1)
+        if resample_instances:
+            p = np.take_along_axis(p, rng.integers(0, p.shape[1], size=p.shape), axis=1)
+        return p.mean(axis=1)
 
     def forecast(self, n_params: float, *, level: float = 0.9, seed: int = 0) -> Forecast:
         """Point and interval at N. For the likelihood fit the point is the posterior mean of the
