@@ -10,6 +10,7 @@ Every error a user can cause prints one line (`error: ...`) and exits with statu
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -169,6 +170,109 @@ def train_series_cmd(config_path):
     cfg = SeriesConfig.load(config_path)
     metrics = train_series(cfg, console=console)
     click.echo(f"series {cfg.name!r}: {len(metrics)} models trained in {cfg.out}")
+
+
+def _task_counts(store_path, run_id, task, exclude=()):
+    """SeriesCounts of one task of a run, optionally without some models."""
+    from passuntil.evaluate import estimates_table
+    from passuntil.scaling.data import SeriesCounts
+
+    store = _open_store(store_path, create=False)
+    run_id = _pick_run(store, run_id)
+    df = estimates_table(store, run_id)
+    if task not in set(df["task"]):
+        raise UserError(f"run {run_id!r} has no results for task {task!r} (tasks: {', '.join(sorted(set(df['task'])))})")
+    df = df[(df["task"] == task) & df["done"]]
+    unknown = set(exclude) - set(df["model"])
+    if unknown:
+        raise UserError(f"no model {sorted(unknown)[0]!r} in run {run_id!r}")
+    k = store.run_config(run_id)["engine"]["k_target"]
+    return SeriesCounts.from_table(df[~df["model"].isin(set(exclude))], k_target=k), df
+
+
+@cli.command()
+@click.argument("store_path")
+@click.option("--task", required=True)
+@click.option("--run", "run_id", default=None)
+@click.option("--target-model", default=None, help="A model of the run to hold out and forecast.")
+@click.option("--target-n", type=float, default=None, help="Or a size (non-embedding parameters).")
+@click.option("--method", default="likelihood", show_default=True)
+@click.option("--level", type=float, default=0.9, show_default=True)
+@click.option("--threshold", "thresholds", type=float, multiple=True, help="Also the N where mean PU reaches this.")
+@click.option("--out", "out_path", required=True, help="Forecast file to create (never overwritten).")
+def forecast(store_path, task, run_id, target_model, target_n, method, level, thresholds, out_path):
+    """Write a pre-registered forecast file before the target model is evaluated."""
+    from passuntil.scaling.forecast import make_forecast, write_forecast
+
+    exclude = (target_model,) if target_model else ()
+    counts, df = _task_counts(store_path, run_id, task, exclude)
+    if target_model:
+        target_n = float(df.loc[df["model"] == target_model, "n_params"].iloc[0])
+    if not target_n:
+        raise UserError("give --target-model or --target-n")
+    record = make_forecast(counts, target_n, task=task, method=method, level=level,
+                           target_model=target_model, thresholds=thresholds)
+    write_forecast(record, out_path)
+    f = record["forecast"]
+    click.echo(f"{task} at N={target_n:.4g}: mean PU {f['point']:.4g} [{f['low']:.4g}, {f['high']:.4g}] "
+               f"({level:.0%}, {method}); wrote {out_path}")
+    for w in record["warnings"]:
+        click.echo(f"warning: {w}")
+
+
+@cli.command("score-forecast")
+@click.argument("forecast_path")
+@click.argument("store_path")
+@click.option("--model", default=None, help="The evaluated target model [the forecast's target].")
+@click.option("--run", "run_id", default=None)
+def score_forecast_cmd(forecast_path, store_path, model, run_id):
+    """Score a forecast file against the target model's results."""
+    from passuntil.scaling.forecast import read_forecast, score_forecast
+
+    record = read_forecast(forecast_path)
+    model = model or record["target"]["model"]
+    if not model:
+        raise UserError("the forecast names no target model; pass --model")
+    _, df = _task_counts(store_path, run_id, record["task"])
+    g = df[df["model"] == model].set_index("instance_id")
+    missing = set(record["data"]["instance_ids"]) - set(g.index)
+    if missing:
+        raise UserError(f"model {model!r} has no finished result for {len(missing)} instance(s) of the forecast")
+    ids = record["data"]["instance_ids"]
+    score = score_forecast(record, g.loc[ids, "passes"].to_numpy(), g.loc[ids, "samples"].to_numpy())
+    click.echo(json.dumps(score, indent=1))
+
+
+@cli.command("backtest")
+@click.argument("store_path")
+@click.option("--task", required=True)
+@click.option("--run", "run_id", default=None)
+@click.option("--method", default="likelihood", show_default=True)
+def backtest_cmd(store_path, task, run_id, method):
+    """Hold out the largest size, then each inner size; report errors and coverage."""
+    from passuntil.scaling.forecast import backtest
+
+    counts, _ = _task_counts(store_path, run_id, task)
+    rows = backtest(counts, method=method)
+    table = Table(title=f"{task}: backtest ({method}, 90% intervals)")
+    for col in ("held out", "kind", "N", "observed", "forecast", "interval", "covered"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["held_out"]), r["kind"], f"{r['n_params']:.3g}", f"{r['observed']:.4g}", f"{r['point']:.4g}",
+                      f"[{r['low']:.4g}, {r['high']:.4g}]", "yes" if r["covered"] else "no")
+    console.print(table)
+
+
+@cli.command("emergence")
+@click.argument("store_path")
+@click.option("--task", required=True)
+@click.option("--run", "run_id", default=None)
+def emergence_cmd(store_path, task, run_id):
+    """Classify the task's scaling curve (linear / convex / concave / mixed)."""
+    from passuntil.emergence import classify
+
+    counts, _ = _task_counts(store_path, run_id, task)
+    click.echo(json.dumps(classify(counts).to_dict(), indent=1))
 
 
 def main(argv=None) -> None:

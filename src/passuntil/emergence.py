@@ -120,7 +120,7 @@ def _hypotheses():
         return np.log(-np.log(np.clip(p, EPS, 1 - 1e-12)))
 
     def two_steps(x, t):  # PU = exp(-c1 N^-a1) exp(-c2 N^-a2)
-        return np.log(np.exp(t[0] - t[1] * x) + np.exp(t[2] - t[3] * x))
+        return np.logaddexp(t[0] - t[1] * x, t[2] - t[3] * x)
 
     return {"scaling law": (law, ["log_c", "alpha"]),
             "two circuits": (two_circuits, ["log_c1", "alpha1", "log_c2", "alpha2", "w_logit"]),

@@ -71,30 +71,37 @@ class TaskFit:
         """Point forecast: the mean over instances of each instance's law at N."""
         return float(np.mean(self.instance_p(n_params)))
 
+    def parameter_draws(self, *, draws: int = 2000, seed: int = 0,
+                        resample_instances: bool = True) -> np.ndarray:
+        """(B, I, 2) draws of every instance's (a, alpha): parameter uncertainty (sampling noise)
+        and, by default, instance resampling (the test set is a sample of the task's
+        instances). NaN marks an instance that could not be fitted (it forecasts 0)."""
+        rng = np.random.default_rng(seed)
+        if self.draws_ab is not None:
+            theta = self.draws_ab[rng.integers(0, len(self.draws_ab), size=draws)]
+        elif self.cov is None:
+            raise ValueError(f"{self.method} fit has no uncertainty model")
+        else:
+            theta = np.full((draws, self.a.size, 2), np.nan)
+            ok = ~np.isnan(self.a)
+            chol = np.linalg.cholesky(self.cov[ok] + 1e-12 * np.eye(2))
+            z = rng.standard_normal((draws, ok.sum(), 2))
+            t = np.stack([self.a[ok], self.alpha[ok]], -1)[None] + np.einsum("ijk,bik->bij", chol, z)
+            if "shrink" in self.extra:  # the estimated prior mean is uncertain too, and shared
+                delta = rng.multivariate_normal(np.zeros(2), np.asarray(self.extra["prior_mean_cov"]), size=draws)
+                t = t + np.einsum("ijk,bk->bij", np.asarray(self.extra["shrink"])[ok], delta)
+            theta[:, ok] = t
+        if resample_instances and theta.shape[1] > 1:
+            idx = rng.integers(0, theta.shape[1], size=theta.shape[:2])
+            theta = np.take_along_axis(theta, idx[..., None], axis=1)
+        return theta
+
     def sample_means(self, n_params: float, *, draws: int = 2000, seed: int = 0,
                      resample_instances: bool = True) -> np.ndarray:
-        """Draws of the mean PU at N: parameter uncertainty (sampling noise) and, by default,
-        instance resampling (the test set is a sample of the task's instances)."""
+        """Draws of the mean PU over instances at N (see `parameter_draws`)."""
+        theta = self.parameter_draws(draws=draws, seed=seed, resample_instances=resample_instances)
         x = np.log(n_params) - self.x0
-        if self.draws_ab is not None:
-            a, al = self.draws_ab[..., 0], self.draws_ab[..., 1]
-            p = np.where(np.isnan(a), 0.0, law_p(a - al * x))
-            return p.mean(axis=1)
-        if self.cov is None:
-            raise ValueError(f"{self.method} fit has no uncertainty model")
-        rng = np.random.default_rng(seed)
-        ok = ~np.isnan(self.a)
-        chol = np.linalg.cholesky(self.cov[ok] + 1e-12 * np.eye(2))
-        z = rng.standard_normal((draws, ok.sum(), 2))
-        theta = np.stack([self.a[ok], self.alpha[ok]], -1)[None] + np.einsum("ijk,bik->bij", chol, z)
-        if "shrink" in self.extra:  # the estimated prior mean is uncertain too, and shared
-            mu_cov = np.asarray(self.extra["prior_mean_cov"])
-            delta = rng.multivariate_normal(np.zeros(2), mu_cov, size=draws)  # (B, 2)
-            theta = theta + np.einsum("ijk,bk->bij", np.asarray(self.extra["shrink"])[ok], delta)
-        p = law_p(theta[..., 0] - theta[..., 1] * x)  # (B, I_ok)
-        p = np.concatenate([p, np.zeros((draws, self.a.size - ok.sum()))], axis=1)
-        if resample_instances:
-            p = np.take_along_axis(p, rng.integers(0, p.shape[1], size=p.shape), axis=1)
+        p = np.where(np.isnan(theta[..., 0]), 0.0, law_p(theta[..., 0] - theta[..., 1] * x))
         return p.mean(axis=1)
 
     def forecast(self, n_params: float, *, level: float = 0.9, seed: int = 0) -> Forecast:
@@ -225,6 +232,30 @@ def fit_likelihood(counts: SeriesCounts, *, pooling: bool = True, em_iters: int 
     return TaskFit("likelihood", x0, theta[:, 0], theta[:, 1], cov, None, tuple(counts.n_params.tolist()),
                    {"prior_mean": mu.tolist(), "prior_cov": sigma.tolist(), "shrink": shrink.tolist(),
                     "prior_mean_cov": mu_cov.tolist()})
+
+
+def threshold_n(fit: TaskFit, target: float, *, level: float = 0.9, draws: int = 500, seed: int = 0
+                ) -> tuple[float, float, float]:
+    """The size N at which the mean PU first reaches `target` (paper: N = (c / -log target)^(1/alpha)
+    for one law), with an interval from the parameter draws. inf where it is never reached
+    within 10^12 x the largest fitted size."""
+    if not 0 < target < 1:
+        raise ValueError("the target PU must lie in (0, 1)")
+    lo_x = np.log(min(fit.fitted_n)) - 5 if fit.fitted_n else fit.x0 - 10
+    grid = np.linspace(lo_x, np.log(max(fit.fitted_n or (np.exp(fit.x0),))) + 28, 800)
+
+    def crossing(theta):  # theta (B, I, 2) -> (B,) log N of first crossing
+        x = grid[None, None, :] - fit.x0
+        a, al = theta[..., :1], theta[..., 1:]
+        p = np.where(np.isnan(a), 0.0, law_p(a - al * x)).mean(axis=1)  # (B, G)
+        above = p >= target
+        first = np.where(above.any(axis=1), above.argmax(axis=1), -1)
+        return np.where(first >= 0, grid[np.maximum(first, 0)], np.inf)
+
+    point = crossing(np.stack([fit.a, fit.alpha], -1)[None])[0]
+    sims = crossing(fit.parameter_draws(draws=draws, seed=seed))
+    lo, hi = np.quantile(sims, [(1 - level) / 2, (1 + level) / 2])
+    return float(np.exp(point)), float(np.exp(lo)), float(np.exp(hi))
 
 
 FITTERS = {"likelihood": fit_likelihood, "instance-ls": fit_instances_ls, "dataset": fit_dataset}
