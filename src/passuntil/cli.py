@@ -275,6 +275,40 @@ def emergence_cmd(store_path, task, run_id):
     click.echo(json.dumps(classify(counts).to_dict(), indent=1))
 
 
+@cli.command()
+@click.option("--pu", "pu_guesses", type=float, multiple=True, help="A guessed pass probability (repeat).")
+@click.option("--store", "store_path", default=None, help="Or take guesses from a pilot run's PU ...")
+@click.option("--task", default=None, help="... for this task ...")
+@click.option("--model", default=None, help="... on this model (exact p where recorded, else PU).")
+@click.option("--run", "run_id", default=None)
+@click.option("--k", "k_target", type=int, default=2, show_default=True)
+@click.option("--max-samples", type=int, default=10_000, show_default=True)
+@click.option("--samples-per-s", type=float, default=None, help="Your sampler's measured throughput.")
+def plan(pu_guesses, store_path, task, model, run_id, k_target, max_samples, samples_per_s):
+    """Expected samples (and time) PassUntil will need, per instance and in total."""
+    from passuntil.scaling.planner import plan_budget
+
+    guesses = list(pu_guesses)
+    if store_path:
+        if not task or not model:
+            raise UserError("with --store, give --task and --model")
+        _, df = _task_counts(store_path, run_id, task)
+        g = df[df["model"] == model]
+        if g.empty:
+            raise UserError(f"no finished results for model {model!r}")
+        guesses = g["exact_p"].where(g["exact_p"].notna(), g["pu"]).tolist()
+    if not guesses:
+        raise UserError("give --pu guesses or --store/--task/--model")
+    if k_target < 1 or max_samples < k_target:
+        raise UserError("need --k >= 1 and --max-samples >= --k")
+    result = plan_budget(guesses, k_target=k_target, max_samples=max_samples, samples_per_s=samples_per_s)
+    stops = sum(s > 0.5 for s in result.p_budget_stop)
+    click.echo(f"{len(guesses)} instances, K={k_target}, budget {max_samples:,}: expected "
+               f"{result.total_samples:,.0f} samples in total; {stops} instance(s) will probably end at the budget"
+               + (f"; about {result.hours * 60:,.1f} min at {samples_per_s:,.0f} samples/s"
+                  if result.hours is not None else ""))
+
+
 def main(argv=None) -> None:
     """Entry point: run the CLI, turning user errors into one line and exit status 2."""
     try:

@@ -1,0 +1,27 @@
+import numpy as np
+import pytest
+
+from passuntil.scaling.planner import plan_budget
+from passuntil.simulation import simulate_counts
+
+
+def test_plan_matches_simulated_passuntil_cost():
+    ps = [0.2, 1e-2, 1e-3, 1e-4, 0.0]
+    plan = plan_budget(ps, k_target=2, max_samples=5000, samples_per_s=1000)
+    rng = np.random.default_rng(0)
+    for p, expected, stop in zip(ps, plan.expected_samples, plan.p_budget_stop):
+        k, n = simulate_counts(p, k_target=2, max_samples=5000, runs=20_000, rng=rng)
+        assert expected == pytest.approx(n.mean(), rel=0.03)
+        assert stop == pytest.approx(np.mean(k < 2), abs=0.01)
+    assert plan.expected_samples[-1] == 5000 and plan.p_budget_stop[-1] == 1.0
+    assert plan.hours == pytest.approx(plan.total_samples / 1000 / 3600)
+    with pytest.raises(ValueError):
+        plan_budget([0.1], k_target=3, max_samples=2)
+
+
+def test_plan_cli(capsys):
+    from passuntil.cli import main
+
+    main(["plan", "--pu", "1e-3", "--pu", "0", "--k", "2", "--max-samples", "10000", "--samples-per-s", "100"])
+    out = capsys.readouterr().out
+    assert "2 instances" in out and "1 instance(s) will probably end at the budget" in out and "min at 100" in out
