@@ -90,6 +90,8 @@ def test_existing_run_needs_resume(tmp_path, capsys):
     assert code == 2 and "already exists" in err
     code, _, err = run_cli(capsys, "eval", "--store", str(store), "--resume", "--k", "3")
     assert code == 2 and "was made with k_target=2" in err
+    code, _, err = run_cli(capsys, "eval", "--store", str(store), "--resume", "--task", "sim-accelerated")
+    assert code == 2 and "continues it as it was started" in err
 
 
 def test_series_file(tmp_path, capsys):

@@ -40,6 +40,10 @@ def resolve_config(
             k, v = next(iter(clash.items()))
             raise UserError(f"run {run_id!r} was made with {k}={config['engine'][k]!r}, not {v!r}; "
                             "--resume continues a run exactly as it was started")
+        stored_models = [m["name"] for m in config["models"]]
+        if (tasks and list(tasks) != config["tasks"]) or (models and list(models) != stored_models):
+            raise UserError(f"run {run_id!r} covers tasks {config['tasks']} and models {stored_models}; "
+                            "--resume continues it as it was started (use --run NAME for other tasks or models)")
         return config
     if store.run_exists(run_id):
         raise UserError(f"run {run_id!r} already exists in {store.path}; pass --resume to continue it "
