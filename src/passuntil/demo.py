@@ -1,56 +1,80 @@
-"""`passuntil demo`: the whole pipeline on the bundled series, offline, resumable.
+"""`passuntil demo`: the paper's workflow end to end, offline, resumable.
 
-Today the bundled series is the simulated one (the paper's seven sizes with known true laws);
-the demo runs PassUntil on every model, prints PU per model with bootstrap errors beside the
-truth, and exports the tidy table. Re-running it continues an interrupted demo.
+On the simulated series (the paper's seven sizes, each instance with a known true law):
+PassUntil on every size but the largest; a pre-registered forecast file per task for the
+largest size (written before it is evaluated); then the largest size is evaluated and every
+forecast scored against it and against the truth; emergence classes per task. Re-running
+continues an interrupted demo and never rewrites a forecast file.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from passuntil.evaluate import (
-    estimates_table,
-    resolve_config,
-    run_eval,
-    summary_table,
-    total_instances,
-)
+from passuntil.emergence import classify
+from passuntil.evaluate import estimates_table, resolve_config, run_eval, total_instances
 from passuntil.progress import RichProgress
+from passuntil.scaling.data import SeriesCounts
+from passuntil.scaling.forecast import make_forecast, read_forecast, score_forecast, write_forecast
 from passuntil.series import load_series
 from passuntil.store import Store
 from passuntil.tasks import get_task
 from passuntil.tasks.simulated import SIMULATED_TASKS, law_probability
 
 
+def _evaluate(store: Store, run_id: str, models, engine: dict) -> None:
+    config = resolve_config(store, run_id, resume=store.run_exists(run_id), series="sim", models=models,
+                            tasks=SIMULATED_TASKS, engine_overrides=engine)
+    with RichProgress(total_instances(config), console=Console(stderr=True)) as progress:
+        run_eval(store, run_id, config, progress=progress)
+
+
 def run_demo(out_dir: Path, *, quick: bool = False, console: Console | None = None) -> Path:
     console = console or Console()
     out_dir.mkdir(parents=True, exist_ok=True)
     store = Store(out_dir / "demo.sqlite")
-    run_id = "quick" if quick else "full"
+    tag = "quick" if quick else "full"
     engine = {"k_target": 2, "max_samples": 3_000 if quick else 30_000, "batch_size": 4096, "seed": 0}
-    config = resolve_config(store, run_id, resume=store.run_exists(run_id), series="sim", models=(),
-                            tasks=SIMULATED_TASKS, engine_overrides=engine)
-    with RichProgress(total_instances(config), console=Console(stderr=True)) as progress:
-        run_eval(store, run_id, config, progress=progress)
-    df = estimates_table(store, run_id)
-    summary = summary_table(df)
-    sizes = {m.name: m.n_params for m in load_series("sim").models}
-    truth = {(t, name): float(np.mean([law_probability(i.meta["law"], n) for i in get_task(t).instances]))
-             for t in SIMULATED_TASKS for name, n in sizes.items()}
-    table = Table(title=f"PassUntil on the simulated series (K={engine['k_target']}, "
-                        f"budget {engine['max_samples']:,})")
-    for col in ("task", "model", "N", "non-zero", "mean PU", "SE", "true mean p"):
-        table.add_column(col, justify="left" if col in ("task", "model") else "right")
-    for r in summary.sort_values(["task", "n_params"]).itertuples():
-        table.add_row(r.task, r.model, f"{r.n_params:.3g}", f"{r.nonzero}/{r.instances}",
-                      f"{r.mean_pu:.4g}", f"{r.se:.2g}", f"{truth[(r.task, r.model)]:.4g}")
+    series = load_series("sim").models
+    small, target = [m.name for m in series[:-1]], series[-1]
+
+    _evaluate(store, f"{tag}-small", small, engine)
+    df_small = estimates_table(store, f"{tag}-small")
+    forecasts = {}
+    for task in SIMULATED_TASKS:
+        path = out_dir / f"{tag}-forecast-{task}.json"
+        counts = SeriesCounts.from_table(df_small[df_small["task"] == task], k_target=engine["k_target"])
+        if not path.exists():  # pre-register before the target is evaluated
+            write_forecast(make_forecast(counts, target.n_params, task=task, target_model=target.name,
+                                         thresholds=(0.5,)), path)
+        forecasts[task] = (read_forecast(path), classify(counts))
+
+    _evaluate(store, f"{tag}-target", [target.name], engine)
+    df_target = estimates_table(store, f"{tag}-target")
+    table = Table(title=f"Forecasts for {target.name} (N={target.n_params:.3g}) made before it was evaluated "
+                        f"(K={engine['k_target']}, budget {engine['max_samples']:,})")
+    for col in ("task", "curve", "forecast", "90% interval", "observed", "truth", "inside", "N for PU=0.5"):
+        table.add_column(col)
+    for task, (record, shape) in forecasts.items():
+        g = df_target[df_target["task"] == task].set_index("instance_id").loc[record["data"]["instance_ids"]]
+        score = score_forecast(record, g["passes"].to_numpy(), g["samples"].to_numpy())
+        truth = float(np.mean([law_probability(x.meta["law"], target.n_params) for x in get_task(task).instances]))
+        th = record["thresholds"][0]
+        table.add_row(task, shape.category, f"{score['point']:.4f}", f"[{score['low']:.4f}, {score['high']:.4f}]",
+                      f"{score['observed_mean_pu']:.4f}", f"{truth:.4f}", "yes" if score["inside_interval"] else "no",
+                      f"{th['n_params']:.3g}")
+        for w in record["warnings"]:
+            console.print(f"[yellow]warning[/] ({task}): {w}", soft_wrap=True)
     console.print(table)
-    csv = out_dir / f"{run_id}-results.csv"
-    df.to_csv(csv, index=False)
-    console.print(f"results: {csv}  (store: {store.path}, run {run_id!r})", soft_wrap=True)
-    return csv
+    summary = out_dir / f"{tag}-results.csv"
+    pd.concat([df_small.assign(stage="before forecast"), df_target.assign(stage="target")]).to_csv(summary, index=False)
+    console.print(f"results: {summary}; forecasts: {out_dir}/{tag}-forecast-*.json; store: {store.path}",
+                  soft_wrap=True)
+    (out_dir / f"{tag}-summary.json").write_text(json.dumps({t: r["forecast"] for t, (r, _) in forecasts.items()}))
+    return summary
