@@ -48,8 +48,8 @@ def _scaling_law(rng: np.random.Generator) -> dict:
 
 def _circuits_law(rng: np.random.Generator) -> dict:
     slow = _scaling_law(rng)
-    a2 = float(rng.uniform(1.2, 1.6))  # a steep circuit that is negligible at small N
-    neg_log_p0 = float(rng.uniform(40.0, 80.0))
+    a2 = float(rng.uniform(1.6, 2.0))  # a steep circuit, negligible below ~0.5B, dominant by 2.4B
+    neg_log_p0 = float(rng.uniform(300.0, 600.0))
     return {"kind": "circuits", "w": 0.5, "c1": slow["c"], "a1": slow["alpha"],
             "c2": neg_log_p0 * N_REF**a2, "a2": a2}
 
