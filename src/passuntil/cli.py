@@ -309,6 +309,37 @@ def plan(pu_guesses, store_path, task, model, run_id, k_target, max_samples, sam
                   if result.hours is not None else ""))
 
 
+@cli.command("metrics")
+@click.argument("store_path")
+@click.option("--run", "run_id", default=None)
+def metrics_cmd(store_path, run_id):
+    """The same stored samples under exact match, contains and edit distance, with sharpness."""
+    from passuntil.metrics import metric_table, resolution_floor, sharpness
+    from passuntil.tasks import get_task
+
+    store = _open_store(store_path, create=False)
+    run_id = _pick_run(store, run_id)
+    comps = store.completions(run_id)
+    if comps.empty:
+        raise UserError(f"run {run_id!r} stored no completions")
+    refs = {(t, x.id): x.references[0] for t in comps["task"].unique() for x in get_task(t).instances}
+    sizes = {m["name"]: m["n_params"] for m in store.models(run_id)}
+    table = metric_table(comps, refs, sizes)
+    out = Table(title=f"{run_id}: one set of samples, four metrics (sharpness = largest step / total change)")
+    for col in ("task", "model", "N", "exact match", "contains", "edit distance", "edit similarity"):
+        out.add_column(col)
+    for task, g in table.groupby("task", sort=False):
+        for r in g.itertuples():
+            out.add_row(task, r.model, f"{r.n_params:.3g}", f"{r.exact_match:.4g}", f"{r.contains:.4g}",
+                        f"{r.edit_distance:.3g}", f"{r.edit_similarity:.3g}")
+        out.add_row(task, "[b]sharpness[/]", "", *(f"{sharpness(g[c]):.2f}" for c in
+                    ("exact_match", "contains", "edit_distance", "edit_similarity")))
+    console.print(out)
+    n_inst = comps.groupby("task")["instance_id"].nunique()
+    click.echo("; ".join(f"{t}: a {n}-instance test set cannot show accuracy below {resolution_floor(n):.3g}"
+                         for t, n in n_inst.items()))
+
+
 def main(argv=None) -> None:
     """Entry point: run the CLI, turning user errors into one line and exit status 2."""
     try:

@@ -1,0 +1,37 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from passuntil.metrics import analytic_metrics, edit_distance, metric_table, resolution_floor, sharpness
+
+
+def test_analytic_mirage():
+    n = np.geomspace(1e6, 1e10, 9)
+    m = analytic_metrics(n, c=1e5, alpha=0.5, answer_tokens=10)
+    assert m["exact_match"] == pytest.approx(m["token_accuracy"] ** 10)
+    assert m["edit_distance"] == pytest.approx(10 * (1 - m["token_accuracy"]))
+    # exact match changes in a burst, edit distance evenly: the same model, two pictures
+    assert sharpness(m["exact_match"]) > 2 * sharpness(m["edit_distance"])
+
+
+def test_sharpness_and_floor():
+    assert sharpness([0, 0, 0, 1]) == 1.0
+    assert sharpness([0, 1, 2, 3]) == pytest.approx(1 / 3)
+    assert sharpness([5, 5]) == 0.0
+    assert resolution_floor(40) == 0.025
+
+
+@pytest.mark.parametrize("a, b, d", [("", "", 0), ("abc", "abc", 0), ("abc", "abd", 1), ("kitten", "sitting", 3),
+                                     ("", "xyz", 3), ("2021-01-02", "01/02/2021", 8)])
+def test_edit_distance(a, b, d):
+    assert edit_distance(a, b) == d == edit_distance(b, a)
+
+
+def test_metric_table_weights_by_count():
+    comps = pd.DataFrame({"model": ["m"] * 3, "task": ["t"] * 3, "instance_id": ["0"] * 3,
+                          "text": ["abc", "abd", "xyz"], "count": [1, 2, 1], "passed": [1, 0, 0]})
+    t = metric_table(comps, {("t", "0"): "abc"}, {"m": 1e6})
+    row = t.iloc[0]
+    assert row["exact_match"] == 0.25
+    assert row["edit_distance"] == pytest.approx((0 + 2 * 1 + 3) / 4)
+    assert row["edit_similarity"] == pytest.approx(1 - (0 + 2 / 3 + 1) / 4)
