@@ -239,7 +239,8 @@ def score_forecast_cmd(forecast_path, store_path, model, run_id):
     if missing:
         raise UserError(f"model {model!r} has no finished result for {len(missing)} instance(s) of the forecast")
     ids = record["data"]["instance_ids"]
-    score = score_forecast(record, g.loc[ids, "passes"].to_numpy(), g.loc[ids, "samples"].to_numpy())
+    exact = g.loc[ids, "exact_p"].to_numpy(dtype=float) if "exact_p" in g else None
+    score = score_forecast(record, g.loc[ids, "passes"].to_numpy(), g.loc[ids, "samples"].to_numpy(), exact)
     click.echo(json.dumps(score, indent=1))
 
 

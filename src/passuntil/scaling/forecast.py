@@ -93,18 +93,26 @@ def read_forecast(path: str | Path) -> dict:
     return record
 
 
-def score_forecast(record: dict, passes: np.ndarray, samples: np.ndarray) -> dict:
-    """Score against the target model's counts (one entry per instance of the forecast's data)."""
+def score_forecast(record: dict, passes: np.ndarray, samples: np.ndarray, exact_p: np.ndarray | None = None) -> dict:
+    """Score against the target model's counts (one entry per instance of the forecast's data).
+
+    The observed value is the mean exact pass probability where the backend computed it (exact
+    match with a finite reference set), else the mean unbiased PassUntil estimate; with K = 1
+    the latter is only "did the first sample pass" per instance, so prefer K >= 2 for targets.
+    """
     passes, samples = np.asarray(passes), np.asarray(samples)
     if passes.size != len(record["data"]["instance_ids"]) or np.any(samples < 1):
         raise UserError("the target model's results must cover every instance of the forecast")
     k = record["data"]["k_target"]
     # the forecast targets the mean pass probability; the mean of K/n overstates it (2x at small
     # p with K = 2), so the score uses the unbiased estimate and reports the MLE beside it
-    observed = float(stats.pu_unbiased(passes, samples, k_target=k).mean())
+    observed_unbiased = float(stats.pu_unbiased(passes, samples, k_target=k).mean())
     observed_mle = float(stats.pu_mle(passes, samples).mean())
+    has_exact = exact_p is not None and not np.any(np.isnan(np.asarray(exact_p, dtype=float)))
+    observed = float(np.mean(exact_p)) if has_exact else observed_unbiased
     fc = record["forecast"]
-    return {"observed_mean_pu": observed, "observed_mean_pu_mle": observed_mle,
+    return {"observed": observed, "observed_from": "exact_p" if has_exact else "unbiased PU",
+            "observed_mean_pu": observed_unbiased, "observed_mean_pu_mle": observed_mle,
             "point": fc["point"], "low": fc["low"], "high": fc["high"], "level": fc["level"],
             "abs_error": abs(fc["point"] - observed), "rel_error": abs(fc["point"] - observed) / max(observed, 1e-300),
             "log_ratio": float(np.log(max(fc["point"], 1e-300) / max(observed, 1e-300))),
