@@ -91,3 +91,15 @@ def test_forecast_warns_on_accelerated_tasks(tmp_path):
     assert read_forecast(path)["forecast"] == record["forecast"]
     with pytest.raises(UserError):
         score_forecast(record, np.zeros(3), np.ones(3))
+
+
+def test_score_prefers_the_exact_probability():
+    counts, p = simulated_series(np.random.default_rng(6))
+    from passuntil.scaling.data import SeriesCounts
+
+    c = SeriesCounts(counts.n_params, counts.passes, counts.samples, 2, tuple(map(str, range(20))))
+    record = make_forecast(c.select_models(np.arange(6)), N[-1], task="t")
+    with_exact = score_forecast(record, c.passes[:, -1], c.samples[:, -1], p[:, -1])
+    without = score_forecast(record, c.passes[:, -1], c.samples[:, -1])
+    assert with_exact["observed_from"] == "exact_p" and with_exact["observed"] == pytest.approx(p[:, -1].mean())
+    assert without["observed_from"] == "unbiased PU" and without["observed"] == without["observed_mean_pu"]
