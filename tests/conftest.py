@@ -33,3 +33,16 @@ def store(tmp_path) -> Store:
     s = Store(tmp_path / "store.sqlite")
     yield s
     s.close()
+
+
+def run_cli(capsys, *args):
+    """Run the CLI in-process: (exit code, stdout, stderr)."""
+    from passuntil.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

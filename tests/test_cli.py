@@ -4,17 +4,7 @@ import sqlite3
 import pandas as pd
 import pytest
 
-from passuntil.cli import main
-
-
-def run_cli(capsys, *args):
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.conftest import run_cli
 
 
 def _eval(capsys, store, *extra):

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from passuntil.cli import main
 from passuntil.errors import UserError
 from passuntil.scaling.forecast import (
     backtest,
@@ -16,37 +15,28 @@ from passuntil.scaling.forecast import (
 )
 from passuntil.scaling.task_law import fit_likelihood, threshold_n
 from passuntil.tasks.simulated import law_probability, make_task
+from tests.conftest import run_cli
 from tests.test_scaling_task_law import N, simulated_series
-
-
-def _cli(capsys, *args):
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_forecast_file_then_score_via_cli(tmp_path, capsys):
     store, fc = tmp_path / "s.sqlite", tmp_path / "f.json"
     small = [a for m in ("0.03B", "0.1B", "0.2B", "0.5B", "0.9B", "1.5B") for a in ("--model", m)]
-    assert _cli(capsys, "eval", "--task", "sim-scaling", "--store", str(store), "--k", "2",
+    assert run_cli(capsys, "eval", "--task", "sim-scaling", "--store", str(store), "--k", "2",
                 "--max-samples", "10000", *small)[0] == 0
-    code, out, err = _cli(capsys, "forecast", str(store), "--task", "sim-scaling", "--target-n", "2.45e9",
+    code, out, err = run_cli(capsys, "forecast", str(store), "--task", "sim-scaling", "--target-n", "2.45e9",
                           "--threshold", "0.5", "--out", str(fc))
     assert code == 0, err
     record = json.loads(fc.read_text())
     assert {"method", "data", "data_sha256", "forecast", "created_at", "package_version", "git_commit"} <= set(record)
     assert len(record["data"]["instance_ids"]) == 20 and len(record["data"]["n_params"]) == 6
     # pre-registration is never overwritten
-    code, _, err = _cli(capsys, "forecast", str(store), "--task", "sim-scaling", "--target-n", "2.45e9", "--out", str(fc))
+    code, _, err = run_cli(capsys, "forecast", str(store), "--task", "sim-scaling", "--target-n", "2.45e9", "--out", str(fc))
     assert code == 2 and "never overwritten" in err
     # now evaluate the target and score
-    assert _cli(capsys, "eval", "--task", "sim-scaling", "--store", str(store), "--run", "big", "--k", "2",
+    assert run_cli(capsys, "eval", "--task", "sim-scaling", "--store", str(store), "--run", "big", "--k", "2",
                 "--max-samples", "10000", "--model", "2.4B")[0] == 0
-    code, out, err = _cli(capsys, "score-forecast", str(fc), str(store), "--model", "2.4B", "--run", "big")
+    code, out, err = run_cli(capsys, "score-forecast", str(fc), str(store), "--model", "2.4B", "--run", "big")
     assert code == 0, err
     score = json.loads(out)
     truth = np.mean([law_probability(x.meta["law"], 2.45e9) for x in make_task("sim-scaling").instances])
@@ -57,11 +47,11 @@ def test_forecast_file_then_score_via_cli(tmp_path, capsys):
     # a forecast whose data was edited afterwards is refused
     record["data"]["passes"][0][0] += 1
     (tmp_path / "edited.json").write_text(json.dumps(record))
-    code, _, err = _cli(capsys, "score-forecast", str(tmp_path / "edited.json"), str(store), "--model", "2.4B",
+    code, _, err = run_cli(capsys, "score-forecast", str(tmp_path / "edited.json"), str(store), "--model", "2.4B",
                         "--run", "big")
     assert code == 2 and "edited" in err
     for cmd in ("backtest", "emergence"):
-        code, out, err = _cli(capsys, cmd, str(store), "--task", "sim-scaling")
+        code, out, err = run_cli(capsys, cmd, str(store), "--task", "sim-scaling")
         assert code == 0, err
 
 

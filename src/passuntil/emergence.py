@@ -28,7 +28,7 @@ import numpy as np
 from scipy import optimize
 
 from passuntil.scaling.data import SeriesCounts
-from passuntil.scaling.task_law import F_MAX, F_MIN
+from passuntil.scaling.task_law import fisher_scoring
 
 EPS = 1e-12
 
@@ -124,21 +124,10 @@ def instance_curvature(k: np.ndarray, n: np.ndarray, x: np.ndarray, *, iters: in
     sd 10 on a and b, 2 on c); the c_i are combined by a DerSimonian-Laird random-effects mean.
     """
     J = np.stack([np.ones_like(x), x, x * x], -1)  # (M, 3)
-    prec = np.diag([1e-2, 1e-2, 0.25])
-    theta = np.zeros((k.shape[0], 3))
-    theta[:, 0] = 1.0
-    for _ in range(iters):
-        u = np.exp(np.clip(theta @ J.T, F_MIN, F_MAX))
-        em1 = np.expm1(u)
-        g = np.where(n > 0, u * (-k + (n - k) / em1), 0.0)
-        w = np.where(n > 0, n * u * u / em1, 0.0)
-        H = np.einsum("im,mj,mk->ijk", w, J, J) + prec
-        step = np.linalg.solve(H, (g @ J - theta @ prec)[..., None])[..., 0]
-        step *= np.minimum(1.0, 2.0 / np.maximum(np.abs(step).max(axis=1, keepdims=True), 1e-12))
-        theta = theta + step
-        if np.abs(step).max() < 1e-8:
-            break
-    c, v = theta[:, 2], np.linalg.inv(H)[:, 2, 2]
+    start = np.zeros((k.shape[0], 3))
+    start[:, 0] = 1.0
+    theta, cov = fisher_scoring(k, n, J, start, np.zeros(3), np.diag([1e-2, 1e-2, 0.25]), iters)
+    c, v = theta[:, 2], cov[:, 2, 2]
     w = 1 / v
     mean = np.sum(w * c) / w.sum()
     q = np.sum(w * (c - mean) ** 2)

@@ -178,23 +178,30 @@ def fit_instances_ls(counts: SeriesCounts, *, n_boot: int = 200, seed: int = 0) 
                    tuple(counts.n_params.tolist()))
 
 
-def _posterior_modes(k, n, x, theta, mu, prec, iters=40):
-    """Fisher scoring for every instance at once: maximise binomial log-lik + Gaussian log-prior."""
-    J = np.stack([np.ones_like(x), -x], -1)  # (M, 2)
+def fisher_scoring(k, n, J, theta, mu, prec, iters=60):
+    """Posterior modes of F_i = J @ theta_i for every instance at once (Fisher scoring on the
+    binomial log-likelihood of the cells plus a Gaussian log-prior N(mu, prec^-1)).
+
+    k, n: (I, M) passes and samples (n = 0: no data); J: (M, P) design; theta: (I, P) start.
+    Returns the modes and their Laplace covariances (I, P, P).
+    """
     for _ in range(iters):
-        f = np.clip(theta[:, :1] - theta[:, 1:] * x[None], F_MIN, F_MAX)  # (I, M)
-        u = np.exp(f)
+        u = np.exp(np.clip(theta @ J.T, F_MIN, F_MAX))  # (I, M): -log p
         em1 = np.expm1(u)
         g = np.where(n > 0, u * (-k + (n - k) / em1), 0.0)  # dlogL/dF
         w = np.where(n > 0, n * u * u / em1, 0.0)  # Fisher information in F
-        grad = g @ J - (theta - mu) @ prec  # (I, 2)
-        H = np.einsum("im,mj,mk->ijk", w, J, J) + prec  # (I, 2, 2)
-        step = np.linalg.solve(H, grad[..., None])[..., 0]
+        H = np.einsum("im,mj,mk->ijk", w, J, J) + prec
+        step = np.linalg.solve(H, (g @ J - (theta - mu) @ prec)[..., None])[..., 0]
         step *= np.minimum(1.0, 2.0 / np.maximum(np.abs(step).max(axis=1, keepdims=True), 1e-12))
         theta = theta + step
-        if np.abs(step).max() < 1e-7:
+        if np.abs(step).max() < 1e-8:
             break
     return theta, np.linalg.inv(H)
+
+
+def _posterior_modes(k, n, x, theta, mu, prec, iters=40):
+    """The task law F = a - alpha x as a design: J = [1, -x]."""
+    return fisher_scoring(k, n, np.stack([np.ones_like(x), -x], -1), theta, mu, prec, iters)
 
 
 def fit_likelihood(counts: SeriesCounts, *, pooling: bool = True, em_iters: int = 30,
