@@ -50,8 +50,14 @@ def test_forecast_file_then_score_via_cli(tmp_path, capsys):
     code, _, err = run_cli(capsys, "score-forecast", str(tmp_path / "edited.json"), str(store), "--model", "2.4B",
                         "--run", "big")
     assert code == 2 and "edited" in err
+    code, _, err = run_cli(capsys, "forecast", str(store), "--task", "sim-scaling", "--target-n", "2.45e9",
+                           "--method", "bogus", "--out", str(tmp_path / "g.json"))
+    assert code == 2 and "unknown fit method" in err and "Traceback" not in err
+    code, out, err = run_cli(capsys, "forecast", str(store), "--run", "main", "--task", "sim-scaling",
+                             "--target-n", "2.45e9", "--method", "loss-assisted", "--out", str(tmp_path / "h.json"))
+    assert code == 0, err  # the simulated backend records reference losses too
     for cmd in ("backtest", "emergence"):
-        code, out, err = run_cli(capsys, cmd, str(store), "--task", "sim-scaling")
+        code, out, err = run_cli(capsys, cmd, str(store), "--run", "main", "--task", "sim-scaling")
         assert code == 0, err
 
 

@@ -84,3 +84,27 @@ def test_interval_coverage_for_the_task_population(capsys):
     with capsys.disabled():
         print(f"\n90% interval coverage of the population mean PU at the held-out size: {hits}%")
     assert 80 <= hits <= 97
+
+
+def test_loss_assisted_helps_hard_instances(capsys):
+    """Hard instances (zero passes at the small sizes) forecast from their reference test loss
+    beat the paper's least-squares path, which must drop them."""
+    from passuntil.scaling.task_law import fit_loss_assisted
+
+    rng = np.random.default_rng(7)
+    errors = {"loss-assisted": [], "instance-ls": []}
+    hard = 0
+    for _ in range(20):
+        counts, p = simulated_series(rng, a_mean=1.6)
+        loss = -np.log(p) / 4 * np.exp(0.03 * rng.standard_normal(p.shape))  # a 4-token answer's mean loss
+        counts = SeriesCounts(counts.n_params, counts.passes, counts.samples, counts.k_target, ref_loss=loss)
+        train, truth = counts.select_models(np.arange(6)), p[:, -1].mean()
+        fit = fit_loss_assisted(train)
+        hard += fit.extra["hard"]
+        errors["loss-assisted"].append(abs(fit.forecast(N[-1]).point - truth) / truth)
+        errors["instance-ls"].append(abs(fit_instances_ls(train).forecast(N[-1]).point - truth) / truth)
+    mae = {k: float(np.mean(v)) for k, v in errors.items()}
+    with capsys.disabled():
+        print(f"\nloss-assisted vs least squares, mean abs relative error: {mae}")
+    assert hard >= 10  # hard instances do occur (15 in these 20 series)
+    assert mae["loss-assisted"] < 0.6 * mae["instance-ls"]

@@ -45,7 +45,10 @@ def make_forecast(counts: SeriesCounts, target_n: float, *, task: str, method: s
         raise UserError(f"unknown fit method {method!r} (use {', '.join(FITTERS)})")
     if target_n <= 0:
         raise UserError("the target size must be > 0")
-    fit = FITTERS[method](counts)
+    try:
+        fit = FITTERS[method](counts)
+    except ValueError as err:  # data the method cannot use (e.g. no test losses, too few passes)
+        raise UserError(f"{method} fit: {err}") from None
     f = fit.forecast(target_n, level=level)
     warnings = list(f.warnings)
     shape = classify(counts, compare=False)
@@ -122,13 +125,18 @@ def score_forecast(record: dict, passes: np.ndarray, samples: np.ndarray, exact_
 def backtest(counts: SeriesCounts, *, method: str = "likelihood", level: float = 0.9,
              min_fit_sizes: int = 3) -> list[dict]:
     """Leave-largest-out and leave-one-size-out; one row per held-out size."""
+    if method not in FITTERS:
+        raise UserError(f"unknown fit method {method!r} (use {', '.join(FITTERS)})")
     m = counts.n_params.size
     rows = []
     for held in range(m - 1, 0, -1):
         keep = np.array([j for j in range(m) if j != held])
         if keep.size < min_fit_sizes:
             continue
-        fit = FITTERS[method](counts.select_models(keep))
+        try:
+            fit = FITTERS[method](counts.select_models(keep))
+        except ValueError as err:
+            raise UserError(f"{method} fit without size {held}: {err}") from None
         f = fit.forecast(counts.n_params[held], level=level)
         observed = float(np.mean(stats.pu_unbiased(counts.passes[:, held], np.maximum(counts.samples[:, held], 1),
                                                    k_target=counts.k_target)))

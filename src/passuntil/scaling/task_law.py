@@ -265,4 +265,56 @@ def threshold_n(fit: TaskFit, target: float, *, level: float = 0.9, draws: int =
     return float(np.exp(point)), float(np.exp(lo)), float(np.exp(hi))
 
 
-FITTERS = {"likelihood": fit_likelihood, "instance-ls": fit_instances_ls, "dataset": fit_dataset}
+def fit_loss_assisted(counts: SeriesCounts, *, min_points: int = 3, n_boot: int = 300, seed: int = 0) -> TaskFit:
+    """Paper §5.4 / Appendix E.2: help hard instances with the reference answer's test loss.
+
+    Easy instances (at least `min_points` sizes with passes) get their own likelihood-fitted law.
+    On their cells with 0 < PU < 1, log(-log PU) is regressed on log(test loss) (one line for the
+    task: -log PU grows with the answer's loss). Each hard instance's test loss, measured at every
+    size whether or not it ever passed, is extrapolated with a power law in N and mapped to PU
+    through that line; the mapping is expressed as an equivalent law (a, alpha) per instance, so
+    the fit forecasts like the others. Intervals: bootstrap over instances.
+    """
+    if counts.ref_loss is None or np.isnan(counts.ref_loss).any():
+        raise ValueError("the loss-assisted fit needs the reference test loss of every instance and size")
+    x0 = float(counts.log_n.mean())
+    x = counts.log_n - x0
+    easy = (counts.passes > 0).sum(axis=1) >= min_points
+    if easy.sum() < 2:
+        raise ValueError(f"the loss-assisted fit needs at least 2 instances with passes at >= {min_points} sizes")
+    base = fit_likelihood(counts.select_instances(np.flatnonzero(easy)), pooling=easy.sum() >= 5)
+    log_loss = np.log(counts.ref_loss)
+
+    def mapping(rows):  # log(-log PU) = b0 + b1 log(loss) on easy cells with 0 < PU < 1
+        pu = counts.pu[rows]
+        ok = (pu > 0) & (pu < 1)
+        b1, b0 = np.polyfit(log_loss[rows][ok], np.log(-np.log(pu[ok])), 1)
+        return b0, b1
+
+    def hard_laws(b0, b1):  # log loss_i = l_i - s_i x  =>  F_i = b0 + b1 l_i - b1 s_i x
+        slope, icpt = np.polyfit(x, log_loss[~easy].T, 1)  # per hard instance
+        return b0 + b1 * icpt, b1 * slope * -1.0
+
+    a, alpha = np.empty(easy.size), np.empty(easy.size)
+    a[easy], alpha[easy] = base.a, base.alpha
+    b0, b1 = mapping(np.flatnonzero(easy))
+    if (~easy).any():
+        a[~easy], alpha[~easy] = hard_laws(b0, b1)
+    rng = np.random.default_rng(seed)
+    easy_idx, hard_idx = np.flatnonzero(easy), np.flatnonzero(~easy)
+    draws = np.empty((n_boot, easy.size, 2))
+    base_draws = base.parameter_draws(draws=n_boot, seed=seed, resample_instances=False)
+    for b in range(n_boot):
+        e = rng.choice(easy_idx, easy_idx.size)
+        bb0, bb1 = mapping(e)
+        draws[b, : easy_idx.size] = base_draws[b][np.searchsorted(easy_idx, e)]
+        if hard_idx.size:
+            ha, hal = hard_laws(bb0, bb1)
+            pick = rng.integers(0, hard_idx.size, hard_idx.size)
+            draws[b, easy_idx.size:] = np.stack([ha[pick], hal[pick]], -1)
+    return TaskFit("loss-assisted", x0, a, alpha, None, draws, tuple(counts.n_params.tolist()),
+                   {"easy": int(easy.sum()), "hard": int((~easy).sum()), "loss_map": [float(b0), float(b1)]})
+
+
+FITTERS = {"likelihood": fit_likelihood, "instance-ls": fit_instances_ls, "dataset": fit_dataset,
+           "loss-assisted": fit_loss_assisted}
