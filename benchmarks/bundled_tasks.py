@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from passuntil.backends.base import SamplingParams
-from passuntil.evaluate import estimates_table, resolve_config, run_eval
-from passuntil.progress import RichProgress
+from passuntil.evaluate import estimates_table, resolve_config, run_with_progress
 from passuntil.scaling import fit_loss_law
 from passuntil.series import load_series, open_sampler
 from passuntil.store import Store
@@ -49,8 +48,7 @@ def main() -> None:
                                 tasks=[task_name], engine_overrides={
                                     "k_target": 1, "max_samples": budget, "batch_size": 2048, "seed": 0,
                                     "check_workers": 2 if task_name == "code" else 0})
-        with RichProgress(len(series.models) * 40) as progress:
-            run_eval(store, run, config, progress=progress)
+        run_with_progress(store, run, config)
         task = get_task(task_name)
         df = estimates_table(store, run)
         df = df[df["instance_id"].isin({x.id for x in task.instances})]

@@ -54,18 +54,16 @@ def _open_store(path: str, *, create: bool):
 @click.option("--check-workers", type=int, default=None, help="Processes for checks, 0 = a thread [0].")
 def eval_cmd(tasks, series, models, store_path, run_id, resume, **engine):
     """Run PassUntil for tasks x models into a run store."""
-    from passuntil.evaluate import resolve_config, run_eval, total_instances
-    from passuntil.progress import RichProgress
+    from passuntil.evaluate import resolve_config, run_with_progress
 
     Path(store_path).parent.mkdir(parents=True, exist_ok=True)
     store = _open_store(store_path, create=not resume)
     config = resolve_config(store, run_id, resume=resume, series=series, models=models,
                             tasks=tasks, engine_overrides=engine)
-    with RichProgress(total_instances(config)) as progress:
-        results = run_eval(store, run_id, config, progress=progress)
+    results, samples = run_with_progress(store, run_id, config)
     done = sum(r.stopped == "k_passes" for r in results)
     click.echo(f"run {run_id} in {store_path}: {len(results)} instance results, "
-               f"{done} reached K passes, {progress.samples:,} samples drawn this session")
+               f"{done} reached K passes, {samples:,} samples drawn this session")
 
 
 @cli.command()

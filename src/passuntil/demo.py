@@ -18,8 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from passuntil.emergence import classify
-from passuntil.evaluate import estimates_table, resolve_config, run_eval, total_instances
-from passuntil.progress import RichProgress
+from passuntil.evaluate import estimates_table, resolve_config, run_with_progress
 from passuntil.scaling.data import SeriesCounts
 from passuntil.scaling.forecast import make_forecast, read_forecast, score_forecast, write_forecast
 from passuntil.series import load_series
@@ -31,8 +30,7 @@ from passuntil.tasks.simulated import SIMULATED_TASKS, law_probability
 def _evaluate(store: Store, run_id: str, models, engine: dict) -> None:
     config = resolve_config(store, run_id, resume=store.run_exists(run_id), series="sim", models=models,
                             tasks=SIMULATED_TASKS, engine_overrides=engine)
-    with RichProgress(total_instances(config), console=Console(stderr=True)) as progress:
-        run_eval(store, run_id, config, progress=progress)
+    run_with_progress(store, run_id, config, console=Console(stderr=True))
 
 
 def run_demo(out_dir: Path, *, quick: bool = False, console: Console | None = None) -> Path:

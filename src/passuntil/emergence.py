@@ -83,7 +83,7 @@ def _poly(x, y, deg):
 def classify(counts: SeriesCounts, *, n_boot: int = 100, z_crit: float = 2.5, seed: int = 0,
              compare: bool = True) -> EmergenceResult:
     """Classify the task's scaling curve; needs at least 4 sizes with a non-zero mean PU."""
-    pu = np.where(counts.samples > 0, counts.passes / np.maximum(counts.samples, 1), np.nan)
+    pu = counts.pu
     mean = np.nanmean(pu, axis=0)
     use = (mean > 0) & (mean < 1)
     if use.sum() < 4:

@@ -91,6 +91,17 @@ def run_eval(store: Store, run_id: str, config: dict, *, progress: Progress | No
     return results
 
 
+def run_with_progress(store: Store, run_id: str, config: dict, *, console=None
+                      ) -> tuple[list[InstanceResult], int]:
+    """`run_eval` with a progress bar (ETA) over every model x instance of the run; returns the
+    results and the number of samples drawn in this call."""
+    from passuntil.progress import RichProgress
+
+    with RichProgress(total_instances(config), console=console) as progress:
+        results = run_eval(store, run_id, config, progress=progress)
+    return results, progress.samples
+
+
 def reference_scores(sampler, tasks, cfg: EngineConfig) -> list[tuple]:
     """Per instance: the reference answer's teacher-forced log-prob and token count (the paper's
     test loss), and, where the backend computes it and the check is exact match, the exact

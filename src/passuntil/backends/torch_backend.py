@@ -64,7 +64,7 @@ class TorchSampler:
         self.name = name
         self.device = device
         self.max_rows = max_rows
-        self._prefixes: OrderedDict[str, tuple] = OrderedDict()
+        self._prefixes: OrderedDict[tuple[int, ...], tuple] = OrderedDict()
         self._prefix_cache = prefix_cache
         # fused projections for decoding: one matmul for q|k|v and one for gate|up per layer
         with torch.no_grad():
@@ -86,7 +86,7 @@ class TorchSampler:
 
     @torch.no_grad()
     def _prefill(self, ids: list[int]) -> tuple[list, torch.Tensor]:
-        key = bytes(np.asarray(ids, dtype=np.uint16).tobytes())
+        key = tuple(ids)
         hit = self._prefixes.get(key)
         if hit is not None:
             self._prefixes.move_to_end(key)

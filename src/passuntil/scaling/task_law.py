@@ -121,13 +121,10 @@ class TaskFit:
                 "fitted_n": list(self.fitted_n), **self.extra}
 
 
-def _line(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> tuple[float, float]:
-    """Weighted least squares y = a - alpha x; returns (a, alpha)."""
-    w = np.ones_like(x) if w is None else w
-    xm, ym = np.average(x, weights=w), np.average(y, weights=w)
-    sxx = np.sum(w * (x - xm) ** 2)
-    slope = np.sum(w * (x - xm) * (y - ym)) / sxx
-    return float(ym - slope * xm), float(-slope)
+def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least squares y = a - alpha x; returns (a, alpha)."""
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(intercept), float(-slope)
 
 
 def fit_dataset(counts: SeriesCounts, *, n_boot: int = 1000, seed: int = 0) -> TaskFit:
