@@ -14,4 +14,7 @@ pip() {  # quiet pip that still fails loudly; drops this machine's harmless loca
 }
 .venv/bin/python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
 pip install -e ".[dev]"
+# BIG-bench task files: extracted once from the bigbench sdist on PyPI into $PASSUNTIL_DATA
+# (default ~/.cache/passuntil); a second run finds them and does nothing.
+.venv/bin/passuntil fetch-data
 .venv/bin/python -c "import passuntil, torch; print('passuntil', passuntil.__version__, '| torch', torch.__version__)"

@@ -126,16 +126,28 @@ def export(store_path, out_path, run_id, completions):
 
 @cli.command("tasks")
 def tasks_cmd():
-    """List the built-in tasks with instance counts and sources."""
+    """List every task with its instance count, check and source."""
     from passuntil.tasks import get_task, list_tasks
+    from passuntil.tasks.bigbench import available, cache_dir
 
     table = Table(title="passuntil tasks")
     for col in ("task", "instances", "check", "source"):
         table.add_column(col)
     for name in list_tasks():
+        if name.startswith("bigbench/") and not available():
+            table.add_row(name, "-", "-", f"not fetched: run `passuntil fetch-data` ({cache_dir()})")
+            continue
         d = get_task(name).describe()
         table.add_row(name, str(d["instances"]), d["check"], d["source"])
     console.print(table)
+
+
+@cli.command("fetch-data")
+def fetch_data():
+    """Download the BIG-bench task files (from the bigbench sdist on PyPI) into the data cache."""
+    from passuntil.tasks.bigbench import fetch_bigbench
+
+    fetch_bigbench(log=console.print)
 
 
 @cli.command()

@@ -155,6 +155,9 @@ def share_batch(wants: Sequence[int], batch_size: int) -> list[int]:
 
 
 def _check_texts(check: Check, instance: Instance, texts: list[str]) -> dict[str, bool]:
+    many = getattr(check, "check_many", None)
+    if many is not None and len(texts) > 1:
+        return {t: bool(ok) for t, ok in zip(texts, many(instance, texts))}
     return {t: bool(check(instance, t)) for t in texts}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from passuntil.errors import UserError
 from passuntil.series import ModelSpec, load_series, open_sampler
 from passuntil.store import Store
 from passuntil.tasks import get_task
+from passuntil.tasks.files import is_task_file
 
 
 def resolve_config(
@@ -53,9 +55,10 @@ def resolve_config(
     cfg = EngineConfig(**{k: v for k, v in engine_overrides.items() if v is not None})
     series = series or default_series(tasks)
     chosen = load_series(series).select(models)
+    tasks = [str(Path(t).resolve()) if is_task_file(t) else t for t in tasks]
     for name in tasks:
         get_task(name)
-    config = {"engine": cfg.to_dict(), "tasks": list(tasks), "series": series,
+    config = {"engine": cfg.to_dict(), "tasks": tasks, "series": series,
               "models": [m.to_dict() for m in chosen]}
     store.create_run(run_id, config, config["models"])
     return config
@@ -112,7 +115,7 @@ def reference_scores(sampler, tasks, cfg: EngineConfig) -> list[tuple]:
     rows = []
     for task in tasks:
         prompts = [task.prompt(x) for x in task.instances]
-        scores = sampler.score(prompts, [x.references[0] for x in task.instances])
+        scores = sampler.score(prompts, [task.answer_prefix + x.references[0] for x in task.instances])
         exact_fn = getattr(sampler, "exact_pass_probability", None)
         for inst, prompt, sc in zip(task.instances, prompts, scores):
             exact = None

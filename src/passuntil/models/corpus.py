@@ -77,7 +77,7 @@ def _code_doc(rng: random.Random, held: set) -> str:
         variant = rng.choice(B.code_variants())
         if variant in held:
             continue
-        prompt, body, _ = B.code_function(*variant)
+        prompt, body, _, _ = B.code_function(*variant)
         funcs.append(prompt + body)
     return "\n\n".join(funcs) + "\n"
 

@@ -65,6 +65,7 @@ class Task:
     few_shot: FewShot | None = None
     source: str = ""
     description: str = ""
+    answer_prefix: str = ""  # text between the prompt and the answer when scoring references
 
     def __post_init__(self):
         ids = [x.id for x in self.instances]

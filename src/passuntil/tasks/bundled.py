@@ -18,9 +18,8 @@ import functools
 import random
 from dataclasses import dataclass
 
-from passuntil.execution import run_program
 from passuntil.tasks.base import Instance, Task
-from passuntil.tasks.checks import Exact
+from passuntil.tasks.checks import Exact, UnitTests
 
 SEED = 20231001
 N_EVAL = 40
@@ -84,14 +83,15 @@ def code_variants() -> list[tuple[int, int]]:
     return [(f, k) for f in range(len(CODE_FAMILIES)) for k in range(2, 21)]
 
 
-def code_function(family: int, k: int) -> tuple[str, str, str]:
-    """(prompt, canonical body, test code) for one variant."""
+def code_function(family: int, k: int) -> tuple[str, str, str, str]:
+    """(prompt, canonical body, test code defining check(candidate), entry point) for a variant."""
     fam = CODE_FAMILIES[family]
     name = fam.name.format(w=NUMBER_WORDS[k])
     prompt = f'def {name}({fam.arg}):\n    """{fam.doc.format(k=k)}"""\n'
     body = f"    {fam.body.format(k=k)}\n"
-    tests = "\n".join(f"assert {name}({a.format(k=k)}) == {e.format(k=k)}" for a, e in fam.tests)
-    return prompt, body, tests
+    asserts = "".join(f"    assert candidate({a.format(k=k)}) == {e.format(k=k)}\n"
+                      for a, e in fam.tests)
+    return prompt, body, "def check(candidate):\n" + asserts, name
 
 
 # ---- held-out evaluation items -------------------------------------------------------------------
@@ -126,16 +126,6 @@ def heldout() -> dict[str, list]:
 STDLIB_CLASHES = frozenset({"add_five", "add_two"})
 
 
-class UnitTestCheck:
-    """Pass when the instance's unit tests succeed on prompt + completion (run in a subprocess)."""
-
-    spec = "unit_tests"
-
-    def __call__(self, instance: Instance, text: str) -> bool:
-        program = instance.prompt + text + "\n\n" + instance.meta["tests"] + "\n"
-        return run_program(program, timeout_s=5.0)
-
-
 def make_bundled(name: str) -> Task:
     items = heldout()
     if name == "arith":
@@ -167,10 +157,11 @@ def make_bundled(name: str) -> Task:
         for i, (f, k) in enumerate(items["code"]):
             if CODE_FAMILIES[f].name.format(w=NUMBER_WORDS[k]) in STDLIB_CLASHES:
                 continue
-            prompt, body, tests = code_function(f, k)
+            prompt, body, test, entry_point = code_function(f, k)
             inst.append(Instance(f"{i:02d}", prompt, (body.rstrip("\n"),),
-                                 {"tests": tests, "family": CODE_FAMILIES[f].name}))
-        return Task("code", tuple(inst), UnitTestCheck(), stop=("\n\n", "\ndef ", "\nclass "),
+                                 {"test": test, "entry_point": entry_point,
+                                  "family": CODE_FAMILIES[f].name}))
+        return Task("code", tuple(inst), UnitTests(), stop=("\n\n", "\ndef ", "\nclass "),
                     max_new_tokens=48, source="bundled: small HumanEval (unit tests executed)",
                     description="complete a one-line Python function")
     raise KeyError(name)

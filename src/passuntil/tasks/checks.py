@@ -2,7 +2,7 @@
 
 Each check is a small frozen dataclass (so it pickles into a worker process) with a `spec`
 string that `from_spec` parses back: "exact", "contains", "normalized", "regex:PATTERN",
-"multiple_choice", "python:module:function".
+"multiple_choice", "python:module:function", "unit_tests".
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import string
 from dataclasses import dataclass
 
 from passuntil.errors import UserError
+from passuntil.execution import Job, default_pool
 from passuntil.tasks.base import Instance
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -129,11 +130,33 @@ class PythonCheck:
         return bool(self.resolve()(instance, text))
 
 
+@dataclass(frozen=True)
+class UnitTests:
+    """Run prompt + completion in the sandbox; pass when the tests' `check(candidate)` succeeds.
+
+    The instance's meta holds "test" (code defining `check(candidate)`, HumanEval's format) and
+    "entry_point" (the function the completion defines). See `passuntil.execution`.
+    """
+
+    spec: str = "unit_tests"
+
+    def job(self, instance: Instance, text: str) -> Job:
+        return Job(instance.prompt + text, instance.prompt + "\n" + instance.meta["test"],
+                   instance.meta["entry_point"])
+
+    def __call__(self, instance: Instance, text: str) -> bool:
+        return default_pool().run(self.job(instance, text)).passed
+
+    def check_many(self, instance: Instance, texts: list[str]) -> list[bool]:
+        """Check several completions at once, in parallel over the worker pool."""
+        return [v.passed for v in default_pool().run_many([self.job(instance, t) for t in texts])]
+
+
 def from_spec(spec: str):
     """Parse a check spec string into a check."""
     kind, _, arg = spec.partition(":")
     simple = {"exact": Exact, "contains": Contains, "normalized": Normalized,
-              "multiple_choice": MultipleChoice}
+              "multiple_choice": MultipleChoice, "unit_tests": UnitTests}
     if kind in simple and not arg:
         return simple[kind]()
     if kind == "regex" and arg:
