@@ -112,3 +112,26 @@ def test_bundled_task_runs_on_the_bundled_series_by_default(tmp_path, capsys):
     assert code == 0 and "tiny-2" in out and "exact p" in out
     df = pd.read_sql("SELECT * FROM reference_scores", sqlite3.connect(store))
     assert len(df) == 40 and (df["exact_p"] > 0).all()
+
+
+def test_fit_and_report_commands(tmp_path, capsys):
+    store = str(tmp_path / "s.sqlite")
+    code, _, err = run_cli(capsys, "eval", "--task", "sim-scaling", "--store", store, "--k", "2",
+                           "--max-samples", "3000", "--model", "0.03B", "--model", "0.1B",
+                           "--model", "0.2B", "--model", "0.5B")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "fit", store, "--task", "sim-scaling", "--target-n", "2.45e9",
+                             "--json")
+    assert code == 0, err
+    fits = json.loads(out)["fits"]
+    assert {"likelihood", "dataset", "instance-ls"} <= set(fits)
+    fc = fits["likelihood"]["forecast"]
+    assert 0 < fc["low"] <= fc["point"] <= fc["high"] < 1
+    code, out, _ = run_cli(capsys, "fit", store, "--task", "sim-scaling", "--model", "0.1B",
+                           "--model", "0.5B", "--model", "0.2B", "--method", "likelihood")
+    assert code == 0 and "likelihood" in out
+    code, _, err = run_cli(capsys, "fit", store, "--task", "sim-scaling", "--method", "magic")
+    assert code == 2 and "unknown method" in err
+    code, out, err = run_cli(capsys, "report", store, "--out", str(tmp_path / "rep"))
+    assert code == 0, err
+    assert (tmp_path / "rep" / "report.html").exists() and (tmp_path / "rep" / "fig4_forecast.svg").exists()

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -52,7 +53,10 @@ def _open_store(path: str, *, create: bool):
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling [1.0].")
 @click.option("--top-k", type=int, default=None, help="Top-k sampling, 0 = off [0].")
 @click.option("--check-workers", type=int, default=None, help="Processes for checks, 0 = a thread [0].")
-def eval_cmd(tasks, series, models, store_path, run_id, resume, **engine):
+@click.option("--ray", "ray_address", default=None,
+              help="Shard the work over Ray actors: a cluster address, or 'local'.")
+@click.option("--ray-workers", type=int, default=None, help="Ray actors [one per CPU].")
+def eval_cmd(tasks, series, models, store_path, run_id, resume, ray_address, ray_workers, **engine):
     """Run PassUntil for tasks x models into a run store."""
     from passuntil.evaluate import resolve_config, run_with_progress
 
@@ -60,7 +64,8 @@ def eval_cmd(tasks, series, models, store_path, run_id, resume, **engine):
     store = _open_store(store_path, create=not resume)
     config = resolve_config(store, run_id, resume=resume, series=series, models=models,
                             tasks=tasks, engine_overrides=engine)
-    results, samples = run_with_progress(store, run_id, config)
+    results, samples = run_with_progress(store, run_id, config, ray=ray_address,
+                                         ray_workers=ray_workers)
     done = sum(r.stopped == "k_passes" for r in results)
     click.echo(f"run {run_id} in {store_path}: {len(results)} instance results, "
                f"{done} reached K passes, {samples:,} samples drawn this session")
@@ -152,12 +157,45 @@ def fetch_data():
 
 @cli.command()
 @click.option("--out", "out_dir", default="passuntil-demo", show_default=True, help="Output folder.")
-@click.option("--quick", is_flag=True, help="Smaller budgets (about a minute).")
-def demo(out_dir, quick):
-    """Run the whole pipeline on the bundled series and print where the results are."""
+@click.option("--quick", is_flag=True, help="Two tasks, small budgets (under 2 minutes).")
+@click.option("--series", type=click.Choice(["tiny", "sim"]), default="tiny", show_default=True,
+              help="The bundled trained series, or the simulated one with known true laws.")
+def demo(out_dir, quick, series):
+    """Run the whole pipeline on the bundled series and print where the report is."""
     from passuntil.demo import run_demo
 
-    run_demo(Path(out_dir), quick=quick, console=console)
+    run_demo(Path(out_dir), quick=quick, series=series, console=console)
+
+
+@cli.command()
+@click.argument("store_path")
+@click.option("--run", "run_ids", multiple=True, help="Runs to include (default: all).")
+@click.option("--forecast", "forecast_files", multiple=True, type=click.Path(exists=True),
+              help="Forecast files to draw and score against the runs' results.")
+@click.option("--out", "out_dir", default="passuntil-report", show_default=True)
+def report(store_path, run_ids, forecast_files, out_dir):
+    """One self-contained HTML report (plus PNG/SVG figures) of a run store."""
+    from passuntil.report import load_report_data, write_report
+    from passuntil.scaling.forecast import read_forecast, score_forecast
+
+    store = _open_store(store_path, create=False)
+    runs = list(run_ids) or store.runs()
+    if not runs:
+        raise UserError(f"{store_path} holds no runs")
+    data = load_report_data(store, runs)
+    for f in forecast_files:
+        record = read_forecast(Path(f))
+        g = data.results[(data.results["task"] == record["task"])
+                         & (data.results["model"] == record["target"]["model"])]
+        score = None
+        ids = record["data"]["instance_ids"]
+        if set(ids) <= set(g["instance_id"]):
+            g = g.set_index("instance_id").loc[ids]
+            score = score_forecast(record, g["passes"].to_numpy(), g["samples"].to_numpy(),
+                                   exact_p=g["exact_p"].to_numpy() if "exact_p" in g else None)
+        data.forecasts.append((record, score))
+    page = write_report(data, Path(out_dir), title=f"passuntil report: {Path(store_path).name}")
+    click.echo(f"report: {page}")
 
 
 def _pick_run(store, run_id):
@@ -228,6 +266,70 @@ def forecast(store_path, task, run_id, target_model, target_n, method, level, th
                f"({level:.0%}, {method}); wrote {out_path}")
     for w in record["warnings"]:
         click.echo(f"warning: {w}")
+
+
+@cli.command()
+@click.argument("store_path")
+@click.option("--task", required=True)
+@click.option("--run", "run_id", default=None)
+@click.option("--model", "models", multiple=True, help="Fit on these models only [all finished].")
+@click.option("--method", "methods", multiple=True,
+              help="likelihood, instance-ls, dataset, loss-assisted (repeat) [all that apply].")
+@click.option("--target-n", type=float, default=None, help="Also forecast mean PU at this N.")
+@click.option("--level", type=float, default=0.9, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the fits as JSON.")
+def fit(store_path, task, run_id, models, methods, target_n, level, as_json):
+    """Fit the loss law and the task scaling law (each method) on any subset of the series."""
+    import json as _json
+
+    from passuntil.scaling import fit_loss_law
+    from passuntil.scaling.task_law import FITTERS
+
+    counts, df = _task_counts(store_path, run_id, task)
+    if models:
+        missing = set(models) - set(counts.models)
+        if missing:
+            raise UserError(f"no finished results for model(s) {sorted(missing)} in task {task!r}")
+        counts = counts.select_models([counts.models.index(m) for m in models])
+    out = {"task": task, "models": list(counts.models), "n_params": counts.n_params.tolist()}
+    if counts.ref_loss is not None and counts.n_params.size >= 3:
+        lf = fit_loss_law(counts.n_params, np.nanmean(counts.ref_loss, axis=0))
+        out["loss_law"] = {"c": lf.c, "alpha": lf.alpha, "l0": lf.l0}
+    out["fits"] = {}
+    for method in methods or FITTERS:
+        if method not in FITTERS:
+            raise UserError(f"unknown method {method!r} (use {', '.join(FITTERS)})")
+        try:
+            tf = FITTERS[method](counts)
+        except UserError as err:
+            if methods:
+                raise
+            out["fits"][method] = {"skipped": str(err)}
+            continue
+        row = {"alpha_median": float(np.nanmedian(tf.alpha)), "instances": int(tf.a.size),
+               "unfitted": int(np.isnan(tf.a).sum()), "fit": tf.to_dict()}
+        if target_n:
+            row["forecast"] = tf.forecast(target_n, level=level).to_dict()
+        out["fits"][method] = row
+    if as_json:
+        click.echo(_json.dumps(out, indent=1))
+        return
+    if "loss_law" in out:
+        ll = out["loss_law"]
+        click.echo(f"loss law: L(N) = ({ll['c']:.4g}/N)^{ll['alpha']:.3f} + {ll['l0']:.3f}")
+    table = Table(title=f"{task}: task scaling law log(-log PU) = a - alpha (log N - x0), "
+                        f"{len(out['models'])} models")
+    for col in ("method", "median alpha", "instances", "unfitted", "forecast", f"{level:.0%} interval"):
+        table.add_column(col)
+    for method, row in out["fits"].items():
+        if "skipped" in row:
+            table.add_row(method, "-", "-", "-", row["skipped"][:60], "")
+            continue
+        fc = row.get("forecast")
+        table.add_row(method, f"{row['alpha_median']:.3f}", str(row["instances"]),
+                      str(row["unfitted"]), f"{fc['point']:.4g}" if fc else "",
+                      f"[{fc['low']:.4g}, {fc['high']:.4g}]" if fc else "")
+    console.print(table)
 
 
 @cli.command("score-forecast")

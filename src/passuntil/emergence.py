@@ -137,7 +137,8 @@ def instance_curvature(k: np.ndarray, n: np.ndarray, x: np.ndarray, *, iters: in
 
 
 def _circuit_p(logn, c, a):
-    return np.exp(-np.exp(c - a * logn))
+    with np.errstate(over="ignore"):
+        return np.exp(-np.exp(c - a * logn))
 
 
 def _hypotheses():

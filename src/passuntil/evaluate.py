@@ -94,15 +94,36 @@ def run_eval(store: Store, run_id: str, config: dict, *, progress: Progress | No
     return results
 
 
-def run_with_progress(store: Store, run_id: str, config: dict, *, console=None
+def run_with_progress(store: Store, run_id: str, config: dict, *, console=None,
+                      ray: str | None = None, ray_workers: int | None = None
                       ) -> tuple[list[InstanceResult], int]:
-    """`run_eval` with a progress bar (ETA) over every model x instance of the run; returns the
-    results and the number of samples drawn in this call."""
+    """`run_eval` (or, with `ray` = an address or "local", `run_eval_ray`) with a progress bar
+    (ETA) over every model x instance of the run; returns the results and the number of samples
+    drawn in this call."""
     from passuntil.progress import RichProgress
 
     with RichProgress(total_instances(config), console=console) as progress:
-        results = run_eval(store, run_id, config, progress=progress)
+        if ray:
+            from passuntil.distributed import run_eval_ray
+
+            run_eval_ray(store, run_id, config, address=ray, workers=ray_workers,
+                         progress=progress)
+            results = stored_results(store, run_id, config)
+        else:
+            results = run_eval(store, run_id, config, progress=progress)
     return results, progress.samples
+
+
+def stored_results(store: Store, run_id: str, config: dict) -> list[InstanceResult]:
+    """The run's per-instance results as the store holds them now."""
+    tasks = [get_task(name) for name in config["tasks"]]
+    seed = config["engine"].get("seed", 0)
+    out = []
+    for m in config["models"]:
+        states = new_states(tasks, model=m["name"], seed=seed)
+        store.load_states(run_id, m["name"], states)
+        out += [st.result(m["name"]) for st in states]
+    return out
 
 
 def reference_scores(sampler, tasks, cfg: EngineConfig) -> list[tuple]:

@@ -162,4 +162,19 @@ def open_sampler(spec: ModelSpec, tasks: Iterable[Task]) -> Sampler:
         if not spec.path:
             raise UserError(f"model {spec.name!r}: the torch backend needs a checkpoint 'path'")
         return TorchSampler.from_folder(spec.path, name=spec.name, **dict(spec.options))
+    if spec.backend in ("transformers", "vllm"):
+        if not spec.path:
+            raise UserError(f"model {spec.name!r}: the {spec.backend} backend needs a 'path'")
+        if spec.backend == "vllm":
+            from passuntil.backends.vllm_backend import VLLMSampler as Backend
+        else:
+            from passuntil.backends.hf import TransformersSampler as Backend
+        return Backend(spec.path, name=spec.name, **dict(spec.options))
+    if spec.backend == "openai":
+        from passuntil.backends.openai_compat import OpenAICompatSampler
+
+        opts = dict(spec.options)
+        if not spec.path:
+            raise UserError(f"model {spec.name!r}: the openai backend needs 'path' = the base URL")
+        return OpenAICompatSampler(spec.path, opts.pop("model", spec.name), name=spec.name, **opts)
     raise UserError(f"backend {spec.backend!r} is not available")
