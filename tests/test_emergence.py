@@ -55,3 +55,23 @@ def test_too_few_sizes_is_undetermined():
     rng = np.random.default_rng(3)
     c = series(truth("linear", rng), rng).select_models(np.arange(3))
     assert classify(c).category == "undetermined"
+
+
+def _curved(rng, curvature, instances=20):
+    """F_i = a_i - alpha_i x + curvature x^2 (x: centred log N): clearly convex (> 0) or
+    clearly concave (< 0) across the whole range, no saturation."""
+    a, alpha = rng.normal(1.0, 0.5, instances), rng.uniform(0.35, 0.6, instances)
+    f = a[:, None] - alpha[:, None] * X[None] + curvature * X[None] ** 2
+    return np.exp(-np.exp(f))
+
+
+def test_clearly_concave_and_convex_series_are_recovered(capsys):
+    """>= 95% of series with a clearly concave (accelerated) or clearly convex (sub-scaling)
+    truth get exactly that class, at the paper's noise level (20 instances, budgets 10^4)."""
+    rng = np.random.default_rng(4)
+    concave = [classify(series(_curved(rng, -0.12), rng), compare=False).category for _ in range(60)]
+    convex = [classify(series(_curved(rng, +0.12), rng), compare=False).category for _ in range(60)]
+    with capsys.disabled():
+        print(f"\nconcave truth -> concave {concave.count('concave')}/60; "
+              f"convex truth -> convex {convex.count('convex')}/60")
+    assert concave.count("concave") >= 57 and convex.count("convex") >= 57

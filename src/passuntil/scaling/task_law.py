@@ -104,10 +104,26 @@ class TaskFit:
         p = np.where(np.isnan(theta[..., 0]), 0.0, law_p(theta[..., 0] - theta[..., 1] * x))
         return p.mean(axis=1)
 
+    def _expanded_means(self, n_params: float, level: float, seed: int) -> np.ndarray:
+        """Draws of the mean PU whose instance-resampling part is widened by Hesterberg's
+        expansion sqrt(I/(I-1)) t_{I-1}/z: the percentile bootstrap of a mean over I = 20
+        instances is too narrow (its variance is (I-1)/I of the unbiased one, and a
+        t rather than a normal quantile applies)."""
+        fixed = self.sample_means(n_params, seed=seed, resample_instances=False)
+        resampled = self.sample_means(n_params, seed=seed)
+        n = self.a.size
+        if n < 3 or self.draws_ab is not None:  # bootstrap fits already resample instances
+            return resampled
+        from scipy import stats as st
+
+        q = (1 + level) / 2
+        expand = np.sqrt(n / (n - 1)) * st.t.ppf(q, n - 1) / st.norm.ppf(q)
+        return fixed + expand * (resampled - fixed)
+
     def forecast(self, n_params: float, *, level: float = 0.9, seed: int = 0) -> Forecast:
         """Point and interval at N. For the likelihood fit the point is the posterior mean of the
         mean PU (the mode's plug-in value is biased low where instances are uncertain)."""
-        means = self.sample_means(n_params, seed=seed)
+        means = self._expanded_means(n_params, level, seed)
         lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
         point = float(means.mean()) if self.method == "likelihood" else self.predict(n_params)
         warn = ()
