@@ -23,10 +23,11 @@ from passuntil.tasks import get_task
 TINY4 = Path(load_series("tiny").select(["tiny-4"])[0].path)
 
 
-def check_contract(sampler, *, reproducible: bool = True):
+def check_contract(sampler, *, reproducible: bool = True, task_name: str = "arith"):
     """What the engine relies on: n completions per prompt, stop sequences cut, per-sample
     reproducibility, and a PassUntil run that ends."""
-    task = get_task("arith").subset(["00", "01"])
+    task = get_task(task_name)
+    task = task.subset([x.id for x in task.instances[:2]])
     prompts = [task.prompt(x) for x in task.instances]
     params = [SamplingParams(n=3, temperature=1.0, max_tokens=6, stop=("\n",), seed=5)] * 2
     outs = sampler.generate(prompts, params)
@@ -38,6 +39,11 @@ def check_contract(sampler, *, reproducible: bool = True):
     results = run_passuntil(sampler, [task], EngineConfig(k_target=1, max_samples=6, batch_size=6),
                             model="m")
     assert all(r.stopped in ("k_passes", "budget") and 1 <= r.samples <= 6 for r in results)
+
+
+def test_simulated_backend_meets_the_contract():
+    spec = load_series("sim").select(["0.5B"])[0]
+    check_contract(open_sampler(spec, [get_task("sim-scaling")]), task_name="sim-scaling")
 
 
 def test_builtin_torch_backend_meets_the_contract():
@@ -121,3 +127,74 @@ def test_openai_client_errors_are_one_line():
                                   backoff_s=0.01)
     with pytest.raises(UserError, match="cannot reach"):
         sampler.generate(["x"], [SamplingParams(n=1, max_tokens=2)])
+
+
+class _FlakyServer:
+    """A minimal stand-in server for client-side properties only (retries, concurrency, the key):
+    503 for the first two requests, then one completion per request; records what it saw."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.requests, self.auth, self.active, self.max_active = 0, set(), 0, 0
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with lock:
+                    outer.requests += 1
+                    outer.auth.add(self.headers.get("Authorization"))
+                    outer.active += 1
+                    outer.max_active = max(outer.max_active, outer.active)
+                    fail = outer.requests <= 2
+                time.sleep(0.02)
+                with lock:
+                    outer.active -= 1
+                if fail:
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                import json
+
+                req = json.loads(body)
+                reply = {"choices": [{"index": 0, "text": "42\nmore", "finish_reason": "length",
+                                      "logprobs": {"token_logprobs": [-0.5, -0.25]}}]}
+                assert req["n"] >= 1
+                data = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_openai_client_retries_limits_concurrency_and_keeps_the_key_secret(tmp_path, monkeypatch):
+    server = _FlakyServer()
+    monkeypatch.setenv("MY_KEY", "sk-secret-123")
+    sampler = OpenAICompatSampler(server.url, "m", api_key_env="MY_KEY", concurrency=2,
+                                  backoff_s=0.01, logprobs=True)
+    outs = sampler.generate(["a", "b", "c", "d"], [SamplingParams(n=3, stop=("\n",), seed=1)] * 4)
+    assert [[c.text for c in o] for o in outs] == [["42"] * 3] * 4  # server ignores n: re-asked
+    assert outs[0][0].finish_reason == "stop" and outs[0][0].cumulative_logprob == -0.75
+    assert server.requests == 2 + 12 and server.max_active <= 2
+    assert server.auth == {"Bearer sk-secret-123"}
+    # the key never reaches the run store
+    from passuntil.series import ModelSpec
+    from passuntil.store import Store
+
+    store = Store(tmp_path / "s.sqlite")
+    spec = ModelSpec("served", 1e6, backend="openai", path=server.url,
+                     options={"model": "m", "api_key_env": "MY_KEY", "backoff_s": 0.01})
+    store.create_run("r", {"models": [spec.to_dict()]}, [spec.to_dict()])
+    store.close()
+    assert b"sk-secret" not in (tmp_path / "s.sqlite").read_bytes()
+    server.httpd.shutdown()

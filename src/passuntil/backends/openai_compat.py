@@ -31,7 +31,7 @@ class OpenAICompatSampler:
 
     def __init__(self, base_url: str, model: str, *, name: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8, retries: int = 5,
-                 timeout_s: float = 120.0, backoff_s: float = 0.5):
+                 timeout_s: float = 120.0, backoff_s: float = 0.5, logprobs: bool = False):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.name = name or model
@@ -40,6 +40,7 @@ class OpenAICompatSampler:
         self.retries = retries
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
+        self.logprobs = logprobs  # ask for token log-probs (-> Completion.cumulative_logprob)
 
     def _post(self, path: str, body: dict) -> dict:
         headers = {"Content-Type": "application/json"}
@@ -63,7 +64,7 @@ class OpenAICompatSampler:
         raise AssertionError("unreachable")
 
     def _one_prompt(self, prompt: str, sp: SamplingParams) -> list[Completion]:
-        texts: list[tuple[str, str]] = []
+        texts: list[tuple[str, str, float | None]] = []
         while len(texts) < sp.n:
             index = sp.first_sample + len(texts)
             body = {"model": self.model, "prompt": prompt, "n": sp.n - len(texts),
@@ -71,14 +72,19 @@ class OpenAICompatSampler:
                     "seed": derive_seed(sp.seed or 0, "openai", index) % (2**31)}
             if sp.stop:
                 body["stop"] = list(sp.stop)[:4]  # the OpenAI API accepts at most four
+            if self.logprobs:
+                body["logprobs"] = 1
             choices = self._post("/completions", body).get("choices") or []
             if not choices:
                 raise UserError(f"{self.base_url}: the server returned no choices")
             for c in sorted(choices, key=lambda c: c.get("index", 0))[: sp.n - len(texts)]:
                 text, stopped = truncate_at_stop(c.get("text", ""), sp.stop)
                 reason = "stop" if stopped or c.get("finish_reason") == "stop" else "length"
-                texts.append((text, reason))
-        return [Completion(j, t, finish_reason=r) for j, (t, r) in enumerate(texts)]
+                lps = (c.get("logprobs") or {}).get("token_logprobs")
+                texts.append((text, reason, float(sum(v for v in lps if v is not None))
+                              if lps else None))
+        return [Completion(j, t, finish_reason=r, cumulative_logprob=lp)
+                for j, (t, r, lp) in enumerate(texts)]
 
     def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams]
                  ) -> list[list[Completion]]:
