@@ -135,3 +135,13 @@ def test_fit_and_report_commands(tmp_path, capsys):
     code, out, err = run_cli(capsys, "report", store, "--out", str(tmp_path / "rep"))
     assert code == 0, err
     assert (tmp_path / "rep" / "report.html").exists() and (tmp_path / "rep" / "fig4_forecast.svg").exists()
+
+
+def test_metrics_with_log_prob_scores(tmp_path, capsys):
+    store = str(tmp_path / "m.sqlite")
+    code, _, err = run_cli(capsys, "eval", "--task", "arith", "--model", "tiny-2", "--model",
+                           "tiny-3", "--store", store, "--max-samples", "16", "--k", "1")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "metrics", store, "--scores")
+    assert code == 0, err
+    assert "ref log-prob" in out and "tiny-3" in out and "token" not in err

@@ -425,7 +425,10 @@ def plan(pu_guesses, store_path, task, model, run_id, k_target, max_samples, sam
 @cli.command("metrics")
 @click.argument("store_path")
 @click.option("--run", "run_id", default=None)
-def metrics_cmd(store_path, run_id):
+@click.option("--scores", is_flag=True,
+              help="Also the log-prob metrics (reference log-prob, multiple-choice grade, Brier "
+                   "score), from each model's teacher-forced scores.")
+def metrics_cmd(store_path, run_id, scores):
     """The same stored samples under exact match, contains and edit distance, with sharpness."""
     from passuntil.metrics import metric_table, resolution_floor, sharpness
     from passuntil.tasks import get_task
@@ -438,19 +441,45 @@ def metrics_cmd(store_path, run_id):
     refs = {(t, x.id): x.references[0] for t in comps["task"].unique() for x in get_task(t).instances}
     sizes = {m["name"]: m["n_params"] for m in store.models(run_id)}
     table = metric_table(comps, refs, sizes)
-    out = Table(title=f"{run_id}: one set of samples, four metrics (sharpness = largest step / total change)")
-    for col in ("task", "model", "N", "exact match", "contains", "edit distance", "edit similarity"):
+    out = Table(title=f"{run_id}: one set of samples, five metrics (sharpness = largest step / total change)")
+    for col in ("task", "model", "N", "exact match", "contains", "char edit distance",
+                "token edit distance", "edit similarity"):
         out.add_column(col)
+    cols = ("exact_match", "contains", "edit_distance", "token_edit_distance", "edit_similarity")
     for task, g in table.groupby("task", sort=False):
         for r in g.itertuples():
             out.add_row(task, r.model, f"{r.n_params:.3g}", f"{r.exact_match:.4g}", f"{r.contains:.4g}",
-                        f"{r.edit_distance:.3g}", f"{r.edit_similarity:.3g}")
-        out.add_row(task, "[b]sharpness[/]", "", *(f"{sharpness(g[c]):.2f}" for c in
-                    ("exact_match", "contains", "edit_distance", "edit_similarity")))
+                        f"{r.edit_distance:.3g}", f"{r.token_edit_distance:.3g}",
+                        f"{r.edit_similarity:.3g}")
+        out.add_row(task, "[b]sharpness[/]", "", *(f"{sharpness(g[c]):.2f}" for c in cols))
     console.print(out)
     n_inst = comps.groupby("task")["instance_id"].nunique()
     click.echo("; ".join(f"{t}: a {n}-instance test set cannot show accuracy below {resolution_floor(n):.3g}"
                          for t, n in n_inst.items()))
+    if scores:
+        _score_table(store, run_id)
+
+
+def _score_table(store, run_id):
+    """Per model x task: mean reference log-prob, multiple-choice grade and Brier score."""
+    from passuntil.metrics import score_metrics
+    from passuntil.series import ModelSpec, open_sampler
+    from passuntil.tasks import get_task
+
+    config = store.run_config(run_id)
+    tasks = [get_task(t) for t in config["tasks"]]
+    out = Table(title=f"{run_id}: metrics from log-probs (mc grade / Brier need listed choices)")
+    for col in ("task", "model", "N", "ref log-prob", "mc grade", "Brier"):
+        out.add_column(col)
+    for m in sorted(config["models"], key=lambda m: m["n_params"]):
+        sampler = open_sampler(ModelSpec(**m), tasks)
+        for task in tasks:
+            rows = score_metrics(sampler, task)
+            mean = {k: float(np.nanmean([r[k] for r in rows])) if any(r[k] == r[k] for r in rows)
+                    else float("nan") for k in ("ref_logprob", "mc_grade", "brier")}
+            out.add_row(task.name, m["name"], f"{m['n_params']:.3g}", f"{mean['ref_logprob']:.3f}",
+                        f"{mean['mc_grade']:.3f}", f"{mean['brier']:.3f}")
+    console.print(out)
 
 
 def main(argv=None) -> None:

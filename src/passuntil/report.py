@@ -62,6 +62,12 @@ def _counts(df: pd.DataFrame, k: int) -> SeriesCounts:
     return SeriesCounts.from_table(df, k_target=k)
 
 
+def _label(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
 def _grid(n: int):
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
@@ -83,9 +89,7 @@ def fig_passed_vs_samples(data: ReportData, tasks):
             first = [min(i) + 1 if i else np.inf for i in idxs]
             ax.plot(grid, [(np.asarray(first) <= n).sum() for n in grid], label=model)
         ax.set_xscale("log")
-        ax.set_title(task)
-        ax.set_xlabel("samples per instance")
-        ax.set_ylabel("instances passed")
+        _label(ax, task, "samples per instance", "instances passed")
     axes[0].legend(fontsize=7)
     return fig
 
@@ -105,9 +109,7 @@ def fig_loss(data: ReportData, tasks):
             n = np.geomspace(per.index.min(), per.index.max() * 3, 50)
             ax.plot(n, fit.predict(n), "-", label=f"fit: alpha={fit.alpha:.2f}")
         ax.set_xscale("log")
-        ax.set_title(task)
-        ax.set_xlabel("N (non-embedding)")
-        ax.set_ylabel("loss (nats/token)")
+        _label(ax, task, "N (non-embedding)", "loss (nats/token)")
         ax.legend(fontsize=7)
     return fig
 
@@ -142,9 +144,7 @@ def fig_forecast(data: ReportData, tasks):
                 ax.plot(xs, np.polyval(b, xs), "--", color="C3", lw=1)
             if score is not None:
                 ax.plot([x], [_f(score["observed"])], "*", color="k", ms=10, label="outcome")
-        ax.set_title(task)
-        ax.set_xlabel("log N")
-        ax.set_ylabel("log(-log PU)")
+        _label(ax, task, "log N", "log(-log PU)")
         ax.legend(fontsize=7)
     return fig
 
@@ -157,9 +157,7 @@ def fig_loss_vs_pu(data: ReportData, tasks):
                          & data.results["ref_tokens"].gt(0)]
         for model, gm in g.sort_values("n_params").groupby("model", sort=False):
             ax.plot(-gm["ref_logprob"] / gm["ref_tokens"], np.log(gm["pu"]), ".", label=model)
-        ax.set_title(task)
-        ax.set_xlabel("reference test loss")
-        ax.set_ylabel("log PU")
+        _label(ax, task, "reference test loss", "log PU")
     axes[0].legend(fontsize=7)
     return fig
 
@@ -173,9 +171,7 @@ def fig_instances(data: ReportData, tasks):
             ok = (gi["passes"] > 0) & (gi["pu"] < 1)
             if ok.sum() >= 2:
                 ax.plot(np.log(gi["n_params"][ok]), _f(gi["pu"][ok]), "-", lw=0.8, alpha=0.6)
-        ax.set_title(task)
-        ax.set_xlabel("log N")
-        ax.set_ylabel("log(-log PU_i)")
+        _label(ax, task, "log N", "log(-log PU_i)")
     return fig
 
 
@@ -198,9 +194,7 @@ def fig_emergence(data: ReportData, tasks, classes):
             fn, names = fns[comp.name]
             ax.plot(xs, fn(xs, np.array([comp.params[n] for n in names])), lw=1,
                     label=f"{comp.name} (BIC {comp.bic:.1f})")
-        ax.set_title(f"{task}: {res.category if res else '?'}")
-        ax.set_xlabel("log N")
-        ax.set_ylabel("log(-log PU)")
+        _label(ax, f"{task}: {res.category if res else '?'}", "log N", "log(-log PU)")
         if comps:
             ax.legend(fontsize=7)
     return fig
@@ -225,9 +219,7 @@ def fig_metrics(table: pd.DataFrame, tasks):
             ax.plot(g["n_params"], (v - v.min()) / span if span > 0 else v * 0,
                     "o-", label=f"{col} (sharpness {sharpness(v):.2f})")
         ax.set_xscale("log")
-        ax.set_title(task)
-        ax.set_xlabel("N")
-        ax.set_ylabel("rescaled metric")
+        _label(ax, task, "N", "rescaled metric")
         ax.legend(fontsize=7)
     return fig
 
