@@ -163,7 +163,7 @@ class TorchSampler:
         final_reason = torch.empty(B, dtype=torch.long)
         dt = m.embed_tokens.weight.dtype
         mask = mask.to(dt)
-        Ks = [torch.empty(S, H, R, d, max_new, device=dev, dtype=dt) for _ in m.layers]  # keys transposed
+        Ks = [torch.empty(S, H, R, max_new, d, device=dev, dtype=dt) for _ in m.layers]
         Vs = [torch.empty(S, H, R, max_new, d, device=dev, dtype=dt) for _ in m.layers]
         retired = torch.zeros(S, dtype=torch.bool)  # finished segments whose results are saved
         for step in range(max_new):
@@ -233,14 +233,15 @@ class TorchSampler:
             qkv = F.linear(layer.input_layernorm(x), self._qkv[li]).view(S, R, 3, H, d)
             q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (S, H, R, d)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            Ks[li][..., step] = k
+            Ks[li][..., step, :] = k
             Vs[li][..., step, :] = v
-            kt, vs = Ks[li][..., : step + 1], Vs[li][..., : step + 1, :]  # (S,H,R,d,s), (S,H,R,s,d)
+            ks, vs = Ks[li][..., : step + 1, :], Vs[li][..., : step + 1, :]  # (S, H, R, s, d)
             s_prefix = q @ kp[li].transpose(-1, -2) * scale + mask  # (S, H, R, T)
-            s_suffix = (q[..., None, :] @ kt)[..., 0, :] * scale  # (S, H, R, s): batched, no copies
+            # per-row suffix: elementwise products, not millions of 1 x d matmuls
+            s_suffix = (ks * q[..., None, :]).sum(-1) * scale  # (S, H, R, s)
             w = torch.cat([s_prefix, s_suffix], dim=-1).softmax(dim=-1)
             T = s_prefix.shape[-1]
-            y = w[..., :T] @ vp[li] + (w[..., None, T:] @ vs)[..., 0, :]  # (S, H, R, d)
+            y = w[..., :T] @ vp[li] + (w[..., T:, None] * vs).sum(-2)  # (S, H, R, d)
             x = x + att.o_proj(y.transpose(1, 2).reshape(S * R, C))
             gate, up = F.linear(layer.post_attention_layernorm(x), self._gate_up[li]).chunk(2, dim=-1)
             x = x + layer.mlp.down_proj(layer.mlp.act(gate) * up)
