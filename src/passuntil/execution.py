@@ -14,6 +14,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +60,14 @@ class _Worker:
         self.proc = subprocess.Popen([sys.executable, "-I", "-S", str(WORKER)], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      start_new_session=True, cwd="/")
-        hello = json.loads(wire.read_frame(self.proc.stdout.fileno(), None))
+        try:
+            hello = json.loads(wire.read_frame(self.proc.stdout.fileno(), time.monotonic() + 60))
+        except (wire.Timeout, wire.ChildGone) as err:
+            self.close()
+            raise RuntimeError(f"sandbox worker did not start ({type(err).__name__})") from None
         self.root = bool(hello["root"])
 
     def run(self, request: dict, wall_s: float) -> dict:
-        import time
         wire.write_frame(self.proc.stdin.fileno(), json.dumps(request).encode())
         self.proc.stdin.flush()
         return json.loads(wire.read_frame(self.proc.stdout.fileno(), time.monotonic() + wall_s))

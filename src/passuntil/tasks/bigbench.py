@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -67,23 +68,33 @@ def fetch_bigbench(dest: Path | None = None, log=print) -> Path:
         if done.returncode != 0 or not sdists:
             raise UserError(f"could not download bigbench from PyPI: {done.stderr.strip()[-300:]}")
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=_mkdir(dest.parent)))
-        found = []
-        with tarfile.open(sdists[0], "r:gz") as tar:
-            for member in tar:
-                name = member.name.split("/", 1)[-1]
-                if member.isfile() and name in wanted:
-                    member.name = name
-                    tar.extract(member, staging, filter="data")
-                    found.append(name)
-        missing = wanted - set(found)
-        if missing:
-            raise UserError(f"bigbench sdist lacks {sorted(missing)[:3]}")
-        (staging / "MANIFEST.json").write_text(json.dumps(
-            {"package": f"bigbench=={VERSION}", "source": sdists[0].name, "files": sorted(found)},
-            indent=1))
-        staging.rename(dest)
+        try:
+            found = _extract(sdists[0], staging, wanted)
+            (staging / "MANIFEST.json").write_text(json.dumps(
+                {"package": f"bigbench=={VERSION}", "source": sdists[0].name,
+                 "files": sorted(found)}, indent=1))
+            if not (dest / "MANIFEST.json").exists():  # another fetch may have finished first
+                staging.rename(dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     log(f"extracted {len(found)} files into {dest}")
     return dest
+
+
+def _extract(sdist: Path, staging: Path, wanted: set[str]) -> list[str]:
+    """Extract just the wanted members (paths relative to the sdist's top folder)."""
+    found = []
+    with tarfile.open(sdist, "r:gz") as tar:
+        for member in tar:
+            name = member.name.split("/", 1)[-1]
+            if member.isfile() and name in wanted:
+                member.name = name
+                tar.extract(member, staging, filter="data")
+                found.append(name)
+    missing = wanted - set(found)
+    if missing:
+        raise UserError(f"bigbench sdist lacks {sorted(missing)[:3]}")
+    return found
 
 
 def _mkdir(path: Path) -> Path:
