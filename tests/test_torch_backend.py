@@ -35,6 +35,20 @@ def test_samples_do_not_depend_on_batching(sampler):
     assert _texts(sampler.generate([a], [SamplingParams(n=12, seed=10, stop=("\n",), max_tokens=10)])[0]) != _texts(whole)
 
 
+def test_repacking_rows_keeps_every_sample(sampler):
+    """Rows that finish early are dropped and the rest repacked; each sample stays the one an
+    unbatched decode (one row per chunk, never repacked) draws."""
+    prompts = ["def f(x):\n", "reverse: hqt -> "]
+    params = [SamplingParams(n=100, seed=4, stop=("\n\n",), max_tokens=40),
+              SamplingParams(n=70, seed=5, stop=("\n",), max_tokens=30)]
+    packed = TorchSampler(sampler.model)
+    out = packed.generate(prompts, params)
+    assert packed.repacks >= 2
+    single = TorchSampler(sampler.model, max_rows=1)
+    assert [_texts(o) for o in single.generate(prompts, params)] == [_texts(o) for o in out]
+    assert single.repacks == 0 and single.row_steps > packed.row_steps
+
+
 def test_stop_and_length(sampler):
     comps = sampler.generate(["def f(x):\n"], [SamplingParams(n=64, seed=2, stop=("\n\n", "\ndef "), max_tokens=40)])[0]
     for c in comps:

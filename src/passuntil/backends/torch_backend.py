@@ -59,13 +59,16 @@ class TorchSampler:
     """Sampler over a `Transformer` (see module docstring)."""
 
     def __init__(self, model: Transformer, *, name: str = "model", device: str = "cpu",
-                 max_rows: int = 512, prefix_cache: int = 256):
+                 max_rows: int = 1024, cache_bytes: int = 2 << 30, prefix_cache: int = 256):
         self.model = model.to(device).eval()
         self.name = name
         self.device = device
         self.max_rows = max_rows
+        self.cache_bytes = cache_bytes  # bound on the per-row suffix caches of one chunk
         self._prefixes: OrderedDict[tuple[int, ...], tuple] = OrderedDict()
         self._prefix_cache = prefix_cache
+        self.row_steps = 0  # rows x decoding steps computed, padding and dead rows included
+        self.repacks = 0
         # fused projections for decoding: one matmul for q|k|v and one for gate|up per layer
         with torch.no_grad():
             layers = self.model.layers
@@ -103,8 +106,13 @@ class TorchSampler:
 
     def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> list[list[Completion]]:
         """Requests are cut into segments of R rows (R = n rounded up to a power of two, at most
-        32); segments of one R decode together in chunks of at most `max_rows` rows."""
+        32); segments of one R decode together in chunks of at most `max_rows` rows, fewer if
+        their suffix caches would pass `cache_bytes`."""
         out: list[list[Completion | None]] = [[None] * sp.n for sp in params]
+        cfg = self.model.cfg
+        row_bytes = (2 * cfg.num_hidden_layers * cfg.hidden_size * self.model.embed_tokens.weight.element_size()
+                     * max((sp.max_tokens for sp in params), default=1))
+        max_rows = min(self.max_rows, self.cache_bytes // row_bytes)
         by_size: dict[int, list[int]] = {}
         for r, sp in enumerate(params):
             by_size.setdefault(min(32, 1 << (sp.n - 1).bit_length()), []).append(r)
@@ -113,7 +121,7 @@ class TorchSampler:
             for r in requests:
                 for start in range(0, params[r].n, seg):
                     chunk.append((r, start, min(seg, params[r].n - start)))
-                    if (len(chunk) + 1) * seg > self.max_rows:
+                    if (len(chunk) + 1) * seg > max_rows:
                         self._generate_chunk(chunk, seg, prompts, params, out)
                         chunk = []
             if chunk:
@@ -123,20 +131,34 @@ class TorchSampler:
     @torch.inference_mode()
     def _generate_chunk(self, chunk, R, prompts, params, out) -> None:
         """Decode one chunk: S segments of R rows, each segment the samples [start, start+n) of one
-        request (rows past n are padding and are discarded)."""
+        request (rows past n are padding and are discarded).
+
+        A row's result is saved the step it finishes. When the live rows would fit in at most 3/4
+        of the segments, they are repacked: the live rows of each prompt are gathered into as few
+        segments as they fill (rows of one prompt share its prefix, so any of them can sit in any
+        of its segments), and the dead rows stop costing compute.
+        """
         m, dev, cfg = self.model, self.device, self.model.cfg
         S, H, d = len(chunk), cfg.num_attention_heads, cfg.head_dim
         B = S * R
         max_new = max(params[r].max_tokens for r, _, _ in chunk)
-        # shared prefixes: each distinct request prefilled once, stacked and padded to T
-        prefixes = [self._prefill(self._prompt_ids(prompts[r], params[r].max_tokens)) for r, _, _ in chunk]
-        plen = torch.tensor([p[0][0][0].shape[2] for p in prefixes])
-        T = int(plen.max())
-        mask = torch.where(torch.arange(T)[None, :] < plen[:, None], 0.0, float("-inf"))[:, None, None, :]
-        kp = [torch.cat([F.pad(p[0][li][0], (0, 0, 0, T - p[0][li][0].shape[2])) for p in prefixes]) for li in range(len(m.layers))]
-        vp = [torch.cat([F.pad(p[0][li][1], (0, 0, 0, T - p[0][li][1].shape[2])) for p in prefixes]) for li in range(len(m.layers))]
-        logits = torch.stack([p[1] for p in prefixes]).repeat_interleave(R, dim=0)  # (B, V)
-        # per-row sampling state
+        # shared prefixes: each distinct prompt prefilled once, stacked and padded to T
+        ids = [tuple(self._prompt_ids(prompts[r], params[r].max_tokens)) for r, _, _ in chunk]
+        distinct = list(dict.fromkeys(ids))
+        seg_prefix = torch.tensor([distinct.index(i) for i in ids])  # (S,) prompt of each segment
+        prefixes = [self._prefill(list(i)) for i in distinct]
+        plen_all = torch.tensor([len(i) for i in distinct])
+        T = int(plen_all.max())
+        dt = m.embed_tokens.weight.dtype
+        mask_all = torch.where(torch.arange(T)[None, :] < plen_all[:, None], 0.0,
+                               float("-inf")).to(dt)[:, None, None, :]
+        pad = lambda t: F.pad(t, (0, 0, 0, T - t.shape[2]))  # noqa: E731
+        kp_all = [torch.cat([pad(p[0][li][0]) for p in prefixes]) for li in range(len(m.layers))]
+        vp_all = [torch.cat([pad(p[0][li][1]) for p in prefixes]) for li in range(len(m.layers))]
+        kp, vp = [k[seg_prefix] for k in kp_all], [v[seg_prefix] for v in vp_all]
+        mask, plen = mask_all[seg_prefix], plen_all[seg_prefix]
+        logits = torch.stack([prefixes[i][1] for i in seg_prefix.tolist()]).repeat_interleave(R, dim=0)
+        # per-row sampling state; row_id is the row's place in the chunk's output (-1: padding)
         keys = np.concatenate([row_keys(params[r].seed or 0, np.arange(params[r].first_sample + s0,
                                params[r].first_sample + s0 + R)) for r, s0, _ in chunk])
         per_row = lambda f, dt: torch.tensor([f(params[r]) for r, _, _ in chunk], dtype=dt).repeat_interleave(R)  # noqa: E731
@@ -145,27 +167,25 @@ class TorchSampler:
         topp = per_row(lambda p: p.top_p, torch.float32)
         limit = per_row(lambda p: p.max_tokens, torch.long)
         filtered = bool((topk > 0).any() or (topp < 1).any() or (temp <= 0).any())
+        row_id = torch.arange(B)
+        alive = torch.tensor([j < n for _, _, n in chunk for j in range(R)])
+        row_id[~alive] = -1
         stop_rows = {}
         for i, (r, _, _) in enumerate(chunk):
             for st in params[r].stop:
                 if st:
                     stop_rows.setdefault(st.encode(), torch.zeros(S, dtype=torch.bool))[i] = True
-        stops = [(torch.tensor(list(b)), rows.repeat_interleave(R)) for b, rows in stop_rows.items()]
-        # per-row decoding state for the live segments only; finished segments are written to `final`
+        stops = [torch.tensor(list(b)) for b in stop_rows]
+        stop_has = [rows.repeat_interleave(R) for rows in stop_rows.values()]
         tokens = torch.full((B, max_new), EOS_ID, dtype=torch.long)
         length = torch.zeros(B, dtype=torch.long)
         reason = torch.zeros(B, dtype=torch.long)  # 0 length, 1 EOS, 2 stop sequence
-        alive = torch.ones(B, dtype=torch.bool)
-        stop_has = [has for _, has in stops]
-        seg_ids = torch.arange(S)  # original index of each live segment
         final_tokens = torch.empty((B, max_new), dtype=torch.long)
         final_length = torch.empty(B, dtype=torch.long)
         final_reason = torch.empty(B, dtype=torch.long)
-        dt = m.embed_tokens.weight.dtype
-        mask = mask.to(dt)
-        Ks = [torch.empty(S, H, R, max_new, d, device=dev, dtype=dt) for _ in m.layers]
-        Vs = [torch.empty(S, H, R, max_new, d, device=dev, dtype=dt) for _ in m.layers]
-        retired = torch.zeros(S, dtype=torch.bool)  # finished segments whose results are saved
+        # suffix caches, step-major (M, S, H, R, d): a step's keys are one contiguous slab
+        Ks = [torch.empty(max_new, S, H, R, d, device=dev, dtype=dt) for _ in m.layers]
+        Vs = [torch.empty(max_new, S, H, R, d, device=dev, dtype=dt) for _ in m.layers]
         for step in range(max_new):
             if filtered:
                 probs = sampling_distribution(logits, temp, topk, topp)
@@ -178,36 +198,39 @@ class TorchSampler:
             eos = alive & (tok == EOS_ID)
             length += (alive & ~eos).long()
             hit = torch.zeros_like(alive)
-            for (seq, _), has in zip(stops, stop_has):
+            for seq, has in zip(stops, stop_has):
                 if step + 1 >= len(seq):
                     hit |= has & (tokens[:, step + 1 - len(seq): step + 1] == seq).all(dim=1)
             hit &= alive & ~eos
             done = eos | hit | (alive & (length >= limit))
-            reason = torch.where(eos, 1, torch.where(hit, 2, reason))
-            alive &= ~done
-            seg_live = alive.view(-1, R).any(dim=1)
             if step + 1 == max_new:
-                seg_live = torch.zeros_like(seg_live)
-            newly = ~seg_live & ~retired
-            if newly.any():  # save the results of segments whose rows have all finished
-                gone = (seg_ids[newly][:, None] * R + torch.arange(R)).reshape(-1)
-                row_gone = newly.repeat_interleave(R)
-                final_tokens[gone], final_length[gone], final_reason[gone] = \
-                    tokens[row_gone], length[row_gone], reason[row_gone]
-                retired |= newly
-                if not seg_live.any():
-                    break
-            if retired.sum() * 2 >= len(retired):  # compact once half the segments are finished
-                keep, row_keep = seg_live, seg_live.repeat_interleave(R)
-                retired = retired[keep]
-                seg_ids, mask, plen = seg_ids[keep], mask[keep], plen[keep]
-                kp, vp = [k[keep] for k in kp], [v[keep] for v in vp]
-                Ks, Vs = [k[keep] for k in Ks], [v[keep] for v in Vs]
-                tok, tokens, length, reason, alive = (t[row_keep] for t in (tok, tokens, length, reason, alive))
-                temp, topk, topp, limit = (t[row_keep] for t in (temp, topk, topp, limit))
-                stop_has = [h[row_keep] for h in stop_has]
-                keys = keys[row_keep.numpy()]
+                done = alive
+            reason = torch.where(eos, 1, torch.where(hit, 2, reason))
+            if done.any():  # save the rows that finished this step
+                gone = row_id[done]
+                final_tokens[gone], final_length[gone], final_reason[gone] = tokens[done], length[done], reason[done]
+            alive &= ~done  # alive rows always have row_id >= 0
+            if not alive.any():
+                break
+            row_prefix = seg_prefix.repeat_interleave(R)
+            counts = torch.bincount(row_prefix[alive], minlength=len(distinct))
+            need = int(((counts + R - 1) // R).sum())
+            if 4 * need <= 3 * seg_prefix.shape[0]:
+                src, seg_prefix = _repack(alive, row_prefix, counts, R)
+                self.repacks += 1
+                row_id = torch.where(src >= 0, row_id[src.clamp_min(0)], -1)
+                src = src.clamp_min(0)
+                alive = alive[src] & (row_id >= 0)
+                tok, tokens, length, reason = tok[src], tokens[src], length[src], reason[src]
+                temp, topk, topp, limit = temp[src], topk[src], topp[src], limit[src]
+                stop_has = [h[src] for h in stop_has]
+                keys = keys[src.numpy()]
+                Ks = [_gather_rows(k, src, R, step) for k in Ks]
+                Vs = [_gather_rows(v, src, R, step) for v in Vs]
+                kp, vp = [k[seg_prefix] for k in kp_all], [v[seg_prefix] for v in vp_all]
+                mask, plen = mask_all[seg_prefix], plen_all[seg_prefix]
             logits = self._decode_step(tok, plen + step, step, R, kp, vp, mask, Ks, Vs)
+            self.row_steps += len(tok)
         tokens, length, reason = final_tokens.tolist(), final_length.tolist(), final_reason.tolist()
         for i, (r, s0, n) in enumerate(chunk):
             for j in range(n):
@@ -233,15 +256,15 @@ class TorchSampler:
             qkv = F.linear(layer.input_layernorm(x), self._qkv[li]).view(S, R, 3, H, d)
             q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (S, H, R, d)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            Ks[li][..., step, :] = k
-            Vs[li][..., step, :] = v
-            ks, vs = Ks[li][..., : step + 1, :], Vs[li][..., : step + 1, :]  # (S, H, R, s, d)
+            Ks[li][step] = k
+            Vs[li][step] = v
+            ks, vs = Ks[li][: step + 1], Vs[li][: step + 1]  # (s, S, H, R, d)
             s_prefix = q @ kp[li].transpose(-1, -2) * scale + mask  # (S, H, R, T)
-            # per-row suffix: elementwise products, not millions of 1 x d matmuls
-            s_suffix = (ks * q[..., None, :]).sum(-1) * scale  # (S, H, R, s)
+            # per-row suffix: one (1 x d) @ (d x s) product per row, batched
+            s_suffix = ((ks * q).sum(-1) * scale).permute(1, 2, 3, 0)  # (S, H, R, s)
             w = torch.cat([s_prefix, s_suffix], dim=-1).softmax(dim=-1)
             T = s_prefix.shape[-1]
-            y = w[..., :T] @ vp[li] + (w[..., T:, None] * vs).sum(-2)  # (S, H, R, d)
+            y = w[..., :T] @ vp[li] + (w[..., T:].permute(3, 0, 1, 2)[..., None] * vs).sum(0)  # (S, H, R, d)
             x = x + att.o_proj(y.transpose(1, 2).reshape(S * R, C))
             gate, up = F.linear(layer.post_attention_layernorm(x), self._gate_up[li]).chunk(2, dim=-1)
             x = x + layer.mlp.down_proj(layer.mlp.act(gate) * up)
@@ -301,3 +324,35 @@ class TorchSampler:
         probs = sampling_distribution(logits, torch.full((n,), params.temperature),
                                       torch.full((n,), params.top_k), torch.full((n,), params.top_p))
         return float(torch.exp(torch.log(probs[torch.arange(n), torch.tensor(ids)]).sum()))
+
+
+def _repack(alive: torch.Tensor, row_prefix: torch.Tensor, counts: torch.Tensor,
+            R: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """New row layout with the live rows of each prefix packed into ceil(count / R) segments.
+
+    Returns `src` (the old row each new row copies, -1 for padding) and the prefix of each new
+    segment.
+    """
+    live = torch.nonzero(alive)[:, 0]
+    live = live[torch.argsort(row_prefix[live], stable=True)]
+    segs = (counts + R - 1) // R
+    seg_prefix = torch.repeat_interleave(torch.arange(len(counts)), segs)
+    # position of each live row in the new layout: its prefix's first slot + its rank in the prefix
+    first_slot = (torch.cumsum(segs, 0) - segs) * R
+    start = torch.cumsum(counts, 0) - counts
+    p = row_prefix[live]
+    slot = first_slot[p] + torch.arange(len(live)) - start[p]
+    src = torch.full((int(segs.sum()) * R,), -1, dtype=torch.long)
+    src[slot] = live
+    return src, seg_prefix
+
+
+def _gather_rows(cache: torch.Tensor, src: torch.Tensor, R: int, step: int) -> torch.Tensor:
+    """A suffix cache (M, S, H, R, d) rebuilt with row i taken from old row src[i]; only the
+    first step + 1 positions are copied (the rest is written later)."""
+    M, _, H, _, d = cache.shape
+    S_new = len(src) // R
+    out = torch.empty(M, S_new, H, R, d, dtype=cache.dtype, device=cache.device)
+    rows = cache[: step + 1, src // R, :, src % R]  # (S_new * R, step + 1, H, d)
+    out[: step + 1] = rows.view(S_new, R, step + 1, H, d).permute(2, 0, 3, 1, 4)
+    return out
