@@ -161,3 +161,25 @@ def test_passuntil_agrees_with_exact_probability_on_bundled_task():
         ratios.append(stats.pu_unbiased(r.passes, r.samples, k_target=2) / p)
     assert misses == 0
     assert 0.7 < sum(ratios) / len(ratios) < 1.3  # unbiased on average
+
+
+@pytest.mark.gpu
+def test_cuda_sampler_agrees_with_cpu(sampler):
+    """On a GPU the sampler draws (nearly) the same samples: same seeds, floating point aside."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    gpu = TorchSampler.from_folder(SMALL, device="cuda")
+    prompts = ["def f(x):\n", "reverse: hqt -> "]
+    params = [SamplingParams(n=300, seed=4, stop=("\n\n",), max_tokens=40),
+              SamplingParams(n=200, seed=5, stop=("\n",), max_tokens=30, top_p=0.9)]
+    a = [_texts(o) for o in sampler.generate(prompts, params)]
+    b = [_texts(o) for o in gpu.generate(prompts, params)]
+    same = sum(x == y for p, q in zip(a, b) for x, y in zip(p, q))
+    assert same >= 0.95 * 500
+    greedy = SamplingParams(n=2, temperature=0.0, max_tokens=20, stop=())
+    assert _texts(gpu.generate(prompts[:1], [greedy])[0]) == _texts(sampler.generate(prompts[:1], [greedy])[0])
+    exact = SamplingParams(max_tokens=6, stop=("\n",))
+    assert gpu.exact_pass_probability("12+5=", ["17"], exact) == pytest.approx(
+        sampler.exact_pass_probability("12+5=", ["17"], exact), rel=1e-3)
+    assert gpu.score(["12+5="], ["17"])[0].token_logprobs == pytest.approx(
+        sampler.score(["12+5="], ["17"])[0].token_logprobs, abs=1e-4)

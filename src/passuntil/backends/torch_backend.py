@@ -37,11 +37,12 @@ def sampling_distribution(logits: torch.Tensor, temperature: torch.Tensor, top_k
     smallest set of most likely tokens whose mass reaches p (always at least one token).
     """
     logits = logits.float()
+    temperature, top_k, top_p = (t.to(logits.device) for t in (temperature, top_k, top_p))
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
-    ranks = torch.arange(logits.shape[-1])[None, :]
+    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
     keep = (top_k[:, None] <= 0) | (ranks < top_k[:, None])
     probs = probs * keep
     before = probs.cumsum(dim=-1) - probs
@@ -151,12 +152,14 @@ class TorchSampler:
         T = int(plen_all.max())
         dt = m.embed_tokens.weight.dtype
         mask_all = torch.where(torch.arange(T)[None, :] < plen_all[:, None], 0.0,
-                               float("-inf")).to(dt)[:, None, None, :]
+                               float("-inf")).to(dev, dt)[:, None, None, :]
         pad = lambda t: F.pad(t, (0, 0, 0, T - t.shape[2]))  # noqa: E731
         kp_all = [torch.cat([pad(p[0][li][0]) for p in prefixes]) for li in range(len(m.layers))]
         vp_all = [torch.cat([pad(p[0][li][1]) for p in prefixes]) for li in range(len(m.layers))]
-        kp, vp = [k[seg_prefix] for k in kp_all], [v[seg_prefix] for v in vp_all]
-        mask, plen = mask_all[seg_prefix], plen_all[seg_prefix]
+        # Bookkeeping (row state, stops, repacking) stays on the CPU; the model's tensors on `dev`.
+        on_dev = seg_prefix.to(dev)
+        kp, vp = [k[on_dev] for k in kp_all], [v[on_dev] for v in vp_all]
+        mask, plen = mask_all[on_dev], plen_all[seg_prefix]
         logits = torch.stack([prefixes[i][1] for i in seg_prefix.tolist()]).repeat_interleave(R, dim=0)
         # per-row sampling state; row_id is the row's place in the chunk's output (-1: padding)
         keys = np.concatenate([row_keys(params[r].seed or 0, np.arange(params[r].first_sample + s0,
@@ -190,10 +193,10 @@ class TorchSampler:
             if filtered:
                 probs = sampling_distribution(logits, temp, topk, topp)
             else:
-                probs = (logits.float() / temp[:, None]).softmax(dim=-1)
-            u = torch.from_numpy(step_uniforms(keys, step)).to(probs.dtype)
+                probs = (logits.float() / temp[:, None].to(dev)).softmax(dim=-1)
+            u = torch.from_numpy(step_uniforms(keys, step)).to(dev, probs.dtype)
             cdf = probs.cumsum(dim=-1)
-            tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0].clamp_max(probs.shape[-1] - 1)
+            tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0].clamp_max(probs.shape[-1] - 1).cpu()
             tokens[:, step] = torch.where(alive, tok, tokens[:, step])
             eos = alive & (tok == EOS_ID)
             length += (alive & ~eos).long()
@@ -227,8 +230,9 @@ class TorchSampler:
                 keys = keys[src.numpy()]
                 Ks = [_gather_rows(k, src, R, step) for k in Ks]
                 Vs = [_gather_rows(v, src, R, step) for v in Vs]
-                kp, vp = [k[seg_prefix] for k in kp_all], [v[seg_prefix] for v in vp_all]
-                mask, plen = mask_all[seg_prefix], plen_all[seg_prefix]
+                on_dev = seg_prefix.to(dev)
+                kp, vp = [k[on_dev] for k in kp_all], [v[on_dev] for v in vp_all]
+                mask, plen = mask_all[on_dev], plen_all[seg_prefix]
             logits = self._decode_step(tok, plen + step, step, R, kp, vp, mask, Ks, Vs)
             self.row_steps += len(tok)
         tokens, length, reason = final_tokens.tolist(), final_length.tolist(), final_reason.tolist()
@@ -246,11 +250,11 @@ class TorchSampler:
         m, cfg = self.model, self.model.cfg
         S = positions.shape[0]
         H, d, C = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
-        cos, sin = rope_tables(cfg, positions)  # (S, d): one position per segment
+        cos, sin = rope_tables(cfg, positions.to(self.device))  # (S, d): one position per segment
         dt = m.embed_tokens.weight.dtype
         cos, sin = cos[:, None, None, :].to(dt), sin[:, None, None, :].to(dt)
         scale = 1.0 / math.sqrt(d)
-        x = m.embed_tokens(tok)  # (S*R, C)
+        x = m.embed_tokens(tok.to(self.device))  # (S*R, C)
         for li, layer in enumerate(m.layers):
             att = layer.self_attn
             qkv = F.linear(layer.input_layernorm(x), self._qkv[li]).view(S, R, 3, H, d)
@@ -353,6 +357,7 @@ def _gather_rows(cache: torch.Tensor, src: torch.Tensor, R: int, step: int) -> t
     M, _, H, _, d = cache.shape
     S_new = len(src) // R
     out = torch.empty(M, S_new, H, R, d, dtype=cache.dtype, device=cache.device)
+    src = src.to(cache.device)
     rows = cache[: step + 1, src // R, :, src % R]  # (S_new * R, step + 1, H, d)
     out[: step + 1] = rows.view(S_new, R, step + 1, H, d).permute(2, 0, 3, 1, 4)
     return out

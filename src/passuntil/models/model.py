@@ -73,7 +73,7 @@ class RMSNorm(nn.Module):
 def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (T, head_dim) for the given positions."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d))
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -158,7 +158,7 @@ class Transformer(nn.Module):
 
     def hidden(self, idx, positions=None):
         T = idx.shape[1]
-        positions = torch.arange(T) if positions is None else positions
+        positions = torch.arange(T, device=idx.device) if positions is None else positions
         x = self.embed_tokens(idx)  # (B, T, C)
         cos, sin = (t.to(x.dtype) for t in rope_tables(self.cfg, positions))
         kvs = []
