@@ -264,7 +264,7 @@ class TorchSampler:
             Vs[li][step] = v
             ks, vs = Ks[li][: step + 1], Vs[li][: step + 1]  # (s, S, H, R, d)
             s_prefix = q @ kp[li].transpose(-1, -2) * scale + mask  # (S, H, R, T)
-            # per-row suffix: one (1 x d) @ (d x s) product per row, batched
+            # per-row suffix: elementwise products with the step-major cache, summed over d
             s_suffix = ((ks * q).sum(-1) * scale).permute(1, 2, 3, 0)  # (S, H, R, s)
             w = torch.cat([s_prefix, s_suffix], dim=-1).softmax(dim=-1)
             T = s_prefix.shape[-1]
