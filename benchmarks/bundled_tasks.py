@@ -89,8 +89,9 @@ def measure(store, series, task_name: str, budget: int, *, models, seed: int, gr
 
 def report(rows, metrics, fit) -> str:
     lines = ["# The bundled series and tasks, measured", "",
-             "Made by `.venv/bin/python benchmarks/bundled_tasks.py` (PassUntil K = 1; budget 5,000 samples "
-             "for `arith`, 3,000 for `dates` and `reverse`, 100 for `code`; greedy = temperature 0, one sample; "
+             "Made by `.venv/bin/python benchmarks/bundled_tasks.py --deep` (PassUntil K = 1; budget 5,000 "
+             "samples for `arith`, 3,000 for `dates` and `reverse`, 100 for `code`, and the deep rows at the end "
+             "with larger budgets on the sizes where those see little; greedy = temperature 0, one sample; "
              "exact p = the exact probability that one sample is exactly the reference, see docs/sampler.md).", "",
              "## Training (configs/tiny.toml)", "",
              "| model | N (non-embedding) | layers | width | tokens | batch x steps | val loss | loss-law fit | residual | minutes | GFLOP/s |",
