@@ -44,17 +44,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", default="runs/bundled.sqlite")
     ap.add_argument("--out", default="docs/bundled-series.md")
-    ap.add_argument("--deep", action="store_true", help="Also the deep runs (about 45 min).")
+    ap.add_argument("--deep", action="store_true", help="Also the deep runs (about an hour).")
     args = ap.parse_args()
     Path(args.store).parent.mkdir(parents=True, exist_ok=True)
     store = Store(args.store)
     series = load_series("tiny")
     rows = []
     for task_name, budget in BUDGETS.items():
-        rows += measure(store, series, task_name, budget, models=(), seed=0, greedy=True)
+        rows += measure(store, series, task_name, budget, models=(), seed=0, batch_size=2048, greedy=True)
     if args.deep:
         for task_name, (budget, models) in DEEP.items():
-            rows += measure(store, series, task_name, budget, models=models, seed=1, greedy=False)
+            rows += measure(store, series, task_name, budget, models=models, seed=1, batch_size=8192,
+                                greedy=False)
     metrics = [json.loads((Path(m.path) / "metrics.json").read_text()) for m in series.models]
     fit = fit_loss_law([m["n_params"] for m in metrics], [m["final_val_loss"] for m in metrics])
     out = Path(args.out)
@@ -63,12 +64,14 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def measure(store, series, task_name: str, budget: int, *, models, seed: int, greedy: bool) -> list[dict]:
-    """PassUntil K = 1 up to `budget` samples per instance (resumed if the run exists), one row per size."""
+def measure(store, series, task_name: str, budget: int, *, models, seed: int, batch_size: int,
+            greedy: bool) -> list[dict]:
+    """PassUntil K = 1 up to `budget` samples per instance (resumed if the run exists), one row per
+    size, with greedy accuracy if `greedy`."""
     run = f"{task_name}-k1-{budget}"
     config = resolve_config(store, run, resume=store.run_exists(run), series="tiny", models=models,
                             tasks=[task_name], engine_overrides={
-                                "k_target": 1, "max_samples": budget, "batch_size": 2048 if greedy else 8192,
+                                "k_target": 1, "max_samples": budget, "batch_size": batch_size,
                                 "seed": seed, "check_workers": 2 if task_name == "code" else 0})
     run_with_progress(store, run, config)
     task = get_task(task_name)
