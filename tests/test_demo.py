@@ -13,5 +13,7 @@ def test_quick_demo_pre_registers_then_scores(tmp_path):
     summary = json.loads((tmp_path / "sim-quick-summary.json").read_text())
     assert summary["sim-scaling"]["class"] == "linear"
     assert summary["sim-accelerated"]["class"] in ("concave", "mixed")
+    assert summary["sim-scaling"]["true_class"] == "linear"
+    assert summary["sim-accelerated"]["true_class"] in ("concave", "mixed")
     run_demo(tmp_path, quick=True, series="sim")  # resumable; forecasts are never rewritten
     assert [f.read_text() for f in forecasts] == before

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from passuntil.emergence import classify
+from passuntil.emergence import classify, classify_exact
 from passuntil.scaling.data import SeriesCounts
 from passuntil.simulation import simulate_counts
 
@@ -75,3 +75,13 @@ def test_clearly_concave_and_convex_series_are_recovered(capsys):
         print(f"\nconcave truth -> concave {concave.count('concave')}/60; "
               f"convex truth -> convex {convex.count('convex')}/60")
     assert concave.count("concave") >= 57 and convex.count("convex") >= 57
+
+
+def test_exact_probabilities_give_the_true_class():
+    """With exact probabilities (no sampling noise) the class is the truth's, every time."""
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        assert classify_exact(N, truth("linear", rng), compare=False).category == "linear"
+        assert classify_exact(N, _curved(rng, -0.12), compare=False).category == "concave"
+        assert classify_exact(N, _curved(rng, +0.12), compare=False).category == "convex"
+        assert classify_exact(N, truth("circuits", rng), compare=False).accelerated

@@ -117,6 +117,22 @@ def classify(counts: SeriesCounts, *, n_boot: int = 100, z_crit: float = 2.5, se
     return EmergenceResult(category, curv, curv_se, float(z), float(b[2]), se, n_boot, int(use.sum()), comparisons)
 
 
+EXACT_SAMPLES = 1e12
+
+
+def classify_exact(n_params: np.ndarray, exact_p: np.ndarray, **kw) -> EmergenceResult:
+    """The class of a curve of exact pass probabilities, (instances, models).
+
+    What `classify` converges to with unlimited samples: each probability enters as the pass
+    rate of 10^12 samples, so what uncertainty remains is the instances' disagreement. The
+    built-in sampler computes these for exact-match tasks at every size, including sizes where
+    PassUntil at a practical budget sees no pass.
+    """
+    p = np.clip(np.asarray(exact_p, dtype=float), 0.0, 1.0)
+    return classify(SeriesCounts(np.asarray(n_params, dtype=float), p * EXACT_SAMPLES,
+                                 np.full_like(p, EXACT_SAMPLES)), **kw)
+
+
 def instance_curvature(k: np.ndarray, n: np.ndarray, x: np.ndarray, *, iters: int = 60) -> tuple[float, float]:
     """Pooled curvature of F_i = a + b x + c x^2 across instances, and its standard error.
 
