@@ -1,6 +1,10 @@
 """Built-in sampler vs transformers' generate, on the largest bundled model and real task prompts.
 
     .venv/bin/python benchmarks/sampling.py [--n 256] [--model tiny-7] [--dtype float32|bfloat16]
+        [--tasks arith,dates,reverse,code] [--max-tokens M]
+
+`--tasks humaneval --max-tokens 64` measures a long prompt (HumanEval/0's last 192 bytes: the
+bundled models see 256 positions).
 
 Both sample the same weights for the same prompts (one instance of each bundled task):
 ours through `TorchSampler.generate` (prompt prefilled once, shared KV cache, rows leave the
@@ -20,7 +24,7 @@ import torch
 from passuntil.backends.base import SamplingParams
 from passuntil.backends.torch_backend import TorchSampler
 from passuntil.models.checkpoint import load_checkpoint
-from passuntil.models.tokenizer import decode, encode
+from passuntil.models.tokenizer import decode
 from passuntil.tasks import get_task
 
 BUNDLED = Path(__file__).parents[1] / "src/passuntil/bundled/tiny"
@@ -43,6 +47,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-rows", type=int, default=None, help="TorchSampler's rows per batch")
+    ap.add_argument("--tasks", default="arith,dates,reverse,code", help="one prompt of each")
+    ap.add_argument("--max-tokens", type=int, default=None, help="instead of each task's own")
     args = ap.parse_args()
     folders = sorted((p for p in BUNDLED.glob("tiny-*") if (p / "metrics.json").exists()),
                      key=lambda p: int(p.name.split("-")[1]))
@@ -50,9 +56,10 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     kw = {"max_rows": args.max_rows} if args.max_rows else {}
     ours = TorchSampler(load_checkpoint(folder).to(dtype), name=folder.name, **kw)
-    tasks = [get_task(t) for t in ("arith", "dates", "reverse", "code")]
+    tasks = [get_task(t) for t in args.tasks.split(",")]
     prompts = [t.prompt(t.instances[0]) for t in tasks]
-    params = [SamplingParams(n=args.n, seed=1, stop=t.stop, max_tokens=t.max_new_tokens) for t in tasks]
+    params = [SamplingParams(n=args.n, seed=1, stop=t.stop, max_tokens=args.max_tokens or t.max_new_tokens)
+              for t in tasks]
     cfg = ours.model.cfg
     n_nonemb = cfg.non_embedding_params()
     print(f"model {folder.name}: N={n_nonemb:,} non-embedding, width {cfg.hidden_size}, "
@@ -74,7 +81,7 @@ def main() -> None:
     attention = 4 * cfg.num_hidden_layers * cfg.hidden_size  # per token per context position
     flops, useful = 0.0, 0
     for prompt, sp, comps in zip(prompts, params, out):
-        ctx = len(encode(prompt))
+        ctx = len(ours._prompt_ids(prompt, sp.max_tokens))
         flops += ctx * per_token + attention * ctx * (ctx + 1) / 2
         for c in comps:
             ended_by_eos = c.finish_reason == "stop" and not any(decode(c.token_ids).endswith(st) for st in sp.stop)
@@ -89,7 +96,8 @@ def main() -> None:
     hf_samples, t0 = 0, time.perf_counter()
     with torch.no_grad():
         for prompt, sp in zip(prompts, params):
-            hf.generate(torch.tensor([encode(prompt)]), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+            ids = ours._prompt_ids(prompt, sp.max_tokens)  # the prompt as ours sees it (cut to the context)
+            hf.generate(torch.tensor([ids]), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
                         max_new_tokens=sp.max_tokens, num_return_sequences=sp.n, pad_token_id=256,
                         eos_token_id=256)
             hf_samples += sp.n

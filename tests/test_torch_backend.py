@@ -3,9 +3,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from passuntil.backends import torch_backend
 from passuntil.backends.base import SamplingParams
 from passuntil.backends.torch_backend import TorchSampler, sampling_distribution
+from passuntil.errors import UserError
 from passuntil.models.tokenizer import encode
+from passuntil.series import ModelSpec, open_sampler
 
 BUNDLED = Path(__file__).parents[1] / "src/passuntil/bundled/tiny"
 SMALL = BUNDLED / "tiny-3"
@@ -47,6 +50,47 @@ def test_repacking_rows_keeps_every_sample(sampler):
     single = TorchSampler(sampler.model, max_rows=1)
     assert [_texts(o) for o in single.generate(prompts, params)] == [_texts(o) for o in out]
     assert single.repacks == 0 and single.row_steps > packed.row_steps
+
+
+def test_split_attention_equals_one_softmax(monkeypatch):
+    """Prefix (shared, padded) and per-row suffix attention, merged by log-sum-exps, equal one
+    softmax over each row's whole context, with the fused CPU kernel and without it."""
+    g = torch.Generator().manual_seed(0)
+    S, H, R, T, d, s = 3, 2, 4, 7, 8, 5
+    q = torch.randn(S, H, R, d, generator=g)
+    kp, vp = torch.randn(2, S, H, T, d, generator=g)
+    ks, vs = torch.randn(2, s, S, H, R, d, generator=g)
+    plen = torch.tensor([7, 3, 5])
+    mask = torch.where(torch.arange(T) < plen[:, None], 0.0, float("-inf"))[:, None, None, :]
+    want = torch.empty(S, H, R, d)
+    for i in range(S):
+        for r in range(R):
+            keys = torch.cat([kp[i, :, : plen[i]], ks[:, i, :, r].transpose(0, 1)], dim=1)  # (H, ctx, d)
+            values = torch.cat([vp[i, :, : plen[i]], vs[:, i, :, r].transpose(0, 1)], dim=1)
+            w = (keys @ q[i, :, r, :, None] / d**0.5).softmax(dim=1)  # (H, ctx, 1)
+            want[i, :, r] = (w * values).sum(1)
+    assert torch_backend._FLASH_CPU is not None  # torch 2.13 has the fused kernel
+    fused = torch_backend._attend(q, kp, vp, mask, ks, vs, d**-0.5)
+    monkeypatch.setattr(torch_backend, "_FLASH_CPU", None)
+    plain = torch_backend._attend(q, kp, vp, mask, ks, vs, d**-0.5)
+    assert (fused - want).abs().max() < 1e-5 and (plain - want).abs().max() < 1e-5
+
+
+def test_series_options_choose_dtype_and_reject_unknown_ones(sampler):
+    """`options: {dtype: bfloat16}` in a series file runs the checkpoint in bf16 (every sample
+    still a well-formed completion, the exact probability within 25% of fp32's); a misspelt
+    option is one clear error."""
+    spec = ModelSpec("tiny-3", 8e4, "torch", str(SMALL), None, {"dtype": "bfloat16", "max_rows": 64})
+    bf16 = open_sampler(spec, [])
+    assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16 and bf16.max_rows == 64
+    sp = SamplingParams(n=40, seed=2, stop=("\n",), max_tokens=6)
+    comps = bf16.generate(["12+34="], [sp])[0]
+    assert len(comps) == 40 and all(len(c.token_ids) <= 6 for c in comps)
+    p16, p32 = (s.exact_pass_probability("12+34=", ["46"], sp) for s in (bf16, sampler))
+    assert 0.8 < p16 / p32 < 1.25
+    for options in ({"dtyp": "bfloat16"}, {"dtype": "fp8"}):
+        with pytest.raises(UserError):
+            open_sampler(ModelSpec("tiny-3", 8e4, "torch", str(SMALL), None, options), [])
 
 
 def test_stop_and_length(sampler):
