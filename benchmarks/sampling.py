@@ -30,15 +30,20 @@ from passuntil.tasks import get_task
 BUNDLED = Path(__file__).parents[1] / "src/passuntil/bundled/tiny"
 
 
-def matmul_peak(seconds: float = 2.0) -> float:
-    """fp32 GFLOP/s of a large square matmul (the machine's practical peak)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+def matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, seconds: float = 2.0) -> float:
+    """GFLOP/s of a large square matmul (the device's practical peak): 1024² on a CPU, 8192² on
+    a GPU."""
+    size = 1024 if device == "cpu" else 8192
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     a @ b
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         n += 1
-    return 2 * 1024**3 * n / (time.perf_counter() - t0) / 1e9
+    sync()
+    return 2 * size**3 * n / (time.perf_counter() - t0) / 1e9
 
 
 def main() -> None:
@@ -49,12 +54,14 @@ def main() -> None:
     ap.add_argument("--max-rows", type=int, default=None, help="TorchSampler's rows per batch")
     ap.add_argument("--tasks", default="arith,dates,reverse,code", help="one prompt of each")
     ap.add_argument("--max-tokens", type=int, default=None, help="instead of each task's own")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both samplers run there)")
     args = ap.parse_args()
     folders = sorted((p for p in BUNDLED.glob("tiny-*") if (p / "metrics.json").exists()),
                      key=lambda p: int(p.name.split("-")[1]))
     folder = BUNDLED / args.model if args.model else folders[-1]
     dtype = getattr(torch, args.dtype)
     kw = {"max_rows": args.max_rows} if args.max_rows else {}
+    kw["device"] = args.device
     ours = TorchSampler(load_checkpoint(folder).to(dtype), name=folder.name, **kw)
     tasks = [get_task(t) for t in args.tasks.split(",")]
     prompts = [t.prompt(t.instances[0]) for t in tasks]
@@ -92,24 +99,32 @@ def main() -> None:
 
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
+    with torch.no_grad():  # warm-up
+        hf.generate(torch.tensor([[10, 11]], device=args.device), do_sample=True, max_new_tokens=4,
+                    num_return_sequences=8, pad_token_id=256, eos_token_id=256)
     hf_samples, t0 = 0, time.perf_counter()
     with torch.no_grad():
         for prompt, sp in zip(prompts, params):
             ids = ours._prompt_ids(prompt, sp.max_tokens)  # the prompt as ours sees it (cut to the context)
-            hf.generate(torch.tensor([ids]), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+            hf.generate(torch.tensor([ids], device=args.device), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
                         max_new_tokens=sp.max_tokens, num_return_sequences=sp.n, pad_token_id=256,
                         eos_token_id=256)
             hf_samples += sp.n
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
     hf_s = time.perf_counter() - t0
 
-    peak = matmul_peak()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    peak = matmul_peak(args.device, dtype)
     ours_rate, hf_rate = n_samples / ours_s, hf_samples / hf_s
     print(f"  passuntil TorchSampler: {n_samples:,} samples in {ours_s:.2f}s = {ours_rate:,.0f} samples/s, "
           f"{flops / ours_s / 1e9:.1f} GFLOP/s; {useful:,} of {ours.row_steps:,} computed row-steps needed "
           f"({100 * useful / ours.row_steps:.0f}%)")
     print(f"  transformers generate:  {hf_samples:,} samples in {hf_s:.2f}s = {hf_rate:,.0f} samples/s")
-    print(f"  fp32 matmul peak (1024^2): {peak:.1f} GFLOP/s")
+    print(f"  {args.dtype} matmul peak ({'1024' if args.device == 'cpu' else '8192'}^2 on {args.device}): "
+          f"{peak:.1f} GFLOP/s")
     print(f"speed-up {ours_rate / hf_rate:.1f}x over transformers (target >= 15x); "
           f"{100 * flops / ours_s / 1e9 / peak:.0f}% of matmul peak (target >= 60%)")
 
