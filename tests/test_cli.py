@@ -98,6 +98,26 @@ def test_series_file(tmp_path, capsys):
     assert code == 2 and "n_params must be > 0" in err
 
 
+def test_resume_refuses_a_task_that_changed(tmp_path, capsys):
+    """A run remembers a fingerprint of each task; resuming after the task file was edited (same
+    ids, new references) is one clear error, and the stored results are kept as they were."""
+    task = tmp_path / "caps.yaml"
+    body = ('name: caps\ntemplate: "Capital of {country}:"\ncheck: exact\nmax_new_tokens: 4\n'
+            "instances:\n  - {id: fr, country: France, references: [%s]}\n")
+    task.write_text(body % "Paris")
+    store = tmp_path / "c.sqlite"
+    args = ("eval", "--task", str(task), "--model", "tiny-2", "--store", str(store), "--max-samples", "8")
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *args, "--resume")
+    assert code == 0, err  # unchanged: resumes
+    task.write_text(body % "Lyon")
+    code, _, err = run_cli(capsys, *args, "--resume")
+    assert code == 2 and "has changed since run 'main'" in err and "Traceback" not in err
+    df = pd.read_sql("SELECT * FROM results", sqlite3.connect(store))
+    assert len(df) == 1 and df["samples"].iloc[0] == 8
+
+
 def test_tasks_lists_builtin_tasks(capsys):
     code, out, _ = run_cli(capsys, "tasks")
     assert code == 0 and "sim-scaling" in out and "20" in out
@@ -111,7 +131,7 @@ def test_bundled_task_runs_on_the_bundled_series_by_default(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "show", str(store), "--instances")
     assert code == 0 and "tiny-2" in out and "exact p" in out
     df = pd.read_sql("SELECT * FROM reference_scores", sqlite3.connect(store))
-    assert len(df) == 40 and (df["exact_p"] > 0).all()
+    assert len(df) == 26 and (df["exact_p"] > 0).all()  # one row per arith instance
 
 
 def test_fit_and_report_commands(tmp_path, capsys):

@@ -10,6 +10,7 @@ interrupted demo and never rewrites a forecast file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -77,22 +78,25 @@ def run_demo(out_dir: Path, *, quick: bool = False, series: str = "tiny",
     store = Store(out_dir / "demo.sqlite")
     tasks, engine = SETTINGS[(series, quick)]
     tag = f"{series}-{'quick' if quick else 'full'}"
+    # Runs and forecasts are named by the tasks' fingerprint too: after an upgrade that changes
+    # a task, the demo starts afresh beside the old runs instead of resuming them.
+    runs = f"{tag}-{hashlib.sha256(''.join(get_task(t).digest() for t in tasks).encode()).hexdigest()[:8]}"
     models = load_series(series).models
     small, target = [m.name for m in models[:-1]], models[-1]
 
-    _evaluate(store, f"{tag}-small", series, small, tasks, engine)
-    df_small = estimates_table(store, f"{tag}-small")
+    _evaluate(store, f"{runs}-small", series, small, tasks, engine)
+    df_small = estimates_table(store, f"{runs}-small")
     forecasts = {}
     for task in tasks:
-        path = out_dir / f"{tag}-forecast-{task}.json"
+        path = out_dir / f"{runs}-forecast-{task}.json"
         counts = SeriesCounts.from_table(df_small[df_small["task"] == task], k_target=engine["k_target"])
         if not path.exists():  # pre-register before the target is evaluated
             write_forecast(make_forecast(counts, target.n_params, task=task, target_model=target.name,
                                          thresholds=(0.5,)), path)
         forecasts[task] = (read_forecast(path), classify(counts))
 
-    _evaluate(store, f"{tag}-target", series, [target.name], tasks, engine)
-    df_target = estimates_table(store, f"{tag}-target")
+    _evaluate(store, f"{runs}-target", series, [target.name], tasks, engine)
+    df_target = estimates_table(store, f"{runs}-target")
     table = Table(title=f"Forecasts for {target.name} (N={target.n_params:.3g}) made before it was "
                         f"evaluated (K={engine['k_target']}, budget {engine['max_samples']:,})")
     df_all = pd.concat([df_small, df_target])
@@ -126,8 +130,8 @@ def run_demo(out_dir: Path, *, quick: bool = False, series: str = "tiny",
          for (t, (r, c)), (_, s) in zip(forecasts.items(), scored)}, indent=1))
     from passuntil.report import load_report_data, write_report
 
-    data = load_report_data(store, [f"{tag}-small", f"{tag}-target"], forecasts=scored)
+    data = load_report_data(store, [f"{runs}-small", f"{runs}-target"], forecasts=scored)
     page = write_report(data, out_dir / f"{tag}-report", title=f"passuntil demo: {series} series")
-    console.print(f"report: {page}\nresults: {summary}; forecasts: {out_dir}/{tag}-forecast-*.json; "
+    console.print(f"report: {page}\nresults: {summary}; forecasts: {out_dir}/{runs}-forecast-*.json; "
                   f"store: {store.path}", soft_wrap=True)
     return page

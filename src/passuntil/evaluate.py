@@ -46,6 +46,11 @@ def resolve_config(
         if (tasks and list(tasks) != config["tasks"]) or (models and list(models) != stored_models):
             raise UserError(f"run {run_id!r} covers tasks {config['tasks']} and models {stored_models}; "
                             "--resume continues it as it was started (use --run NAME for other tasks or models)")
+        for name, digest in config.get("task_digests", {}).items():
+            if get_task(name).digest() != digest:
+                raise UserError(f"task {name!r} has changed since run {run_id!r} was started (its prompts, "
+                                "references, stops or check differ); its stored results belong to the old "
+                                "task: start a new run with --run NAME")
         return config
     if store.run_exists(run_id):
         raise UserError(f"run {run_id!r} already exists in {store.path}; pass --resume to continue it "
@@ -56,10 +61,9 @@ def resolve_config(
     series = series or default_series(tasks)
     chosen = load_series(series).select(models)
     tasks = [str(Path(t).resolve()) if is_task_file(t) else t for t in tasks]
-    for name in tasks:
-        get_task(name)
+    digests = {name: get_task(name).digest() for name in tasks}
     config = {"engine": cfg.to_dict(), "tasks": tasks, "series": series,
-              "models": [m.to_dict() for m in chosen]}
+              "models": [m.to_dict() for m in chosen], "task_digests": digests}
     store.create_run(run_id, config, config["models"])
     return config
 

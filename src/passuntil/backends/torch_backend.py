@@ -101,8 +101,8 @@ class TorchSampler:
     @classmethod
     def from_folder(cls, folder: str | Path, *, dtype: str = "float32", **kw) -> TorchSampler:
         """A checkpoint folder, run in `dtype`: float32 (the default: faithful to the weights)
-        or bfloat16 (19% faster on this repo's AVX512-BF16 CPU, but it moves an instance's pass
-        probability by up to 20%; docs/sampler.md#speed)."""
+        or bfloat16 (about 10% faster on this repo's AVX512-BF16 CPU, but it moves an instance's
+        pass probability by up to 15%; docs/sampler.md#speed)."""
         if dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
         unknown = set(kw) - set(inspect.signature(cls.__init__).parameters) - {"self", "model"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -80,6 +81,21 @@ class Task:
     def subset(self, ids: Sequence[str]) -> Task:
         keep = set(ids)
         return Task(**{**self.__dict__, "instances": tuple(x for x in self.instances if x.id in keep)})
+
+    def digest(self) -> str:
+        """A fingerprint of what the model is asked and what passes: every instance's id, full
+        prompt and references, the stop sequences, the token limit and the check. A run stores
+        it, so that resuming after the task changed is refused instead of mixing old results
+        with new instances of the same id."""
+        h = hashlib.sha256()
+        for part in (self.name, repr(self.stop), str(self.max_new_tokens),
+                     str(getattr(self.check, "spec", type(self.check).__name__))):
+            h.update(part.encode() + b"\0")
+        for x in self.instances:
+            for part in (x.id, self.prompt(x), *x.references):
+                h.update(part.encode() + b"\0")
+            h.update(b"\1")
+        return h.hexdigest()[:16]
 
     def describe(self) -> dict:
         return {"name": self.name, "instances": len(self.instances), "source": self.source,

@@ -1,6 +1,7 @@
 """The bundled tasks, generated with a fixed seed, and the formats the training corpus uses.
 
-* "arith":   2-digit addition, "47+85=" -> "132" (zero-shot; the corpus has such lines).
+* "arith":   2-digit addition with a three-digit sum, 8 solved examples then the query,
+             "...\n31+25=56\n47+85=" -> "132" (the corpus has such lines).
 * "dates":   in-context date-format transforms in the style of BIG-bench's unnatural in-context
              learning: 4 solved examples of one transform, then a query.
 * "reverse": reverse a 3-letter string, "reverse: hqt -> " -> "tqh".
@@ -23,6 +24,7 @@ from passuntil.tasks.checks import Exact, UnitTests
 
 SEED = 20231001
 N_EVAL = 40
+ARITH_SHOTS = 8
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
           "October", "November", "December"]
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
@@ -129,9 +131,24 @@ STDLIB_CLASHES = frozenset({"add_five", "add_two"})
 def make_bundled(name: str) -> Task:
     items = heldout()
     if name == "arith":
-        inst = tuple(Instance(f"{i:02d}", f"{a}+{b}=", (str(a + b),)) for i, (a, b) in enumerate(items["arith"]))
-        return Task("arith", inst, Exact(), stop=("\n",), max_new_tokens=6,
-                    source="bundled: 2-digit addition", description="a+b= with 2-digit operands")
+        # The held-out pairs whose sum has three digits (26 of 40), each after 8 solved examples:
+        # zero-shot, the small models mostly answer with two digits, and the curve of the exact
+        # pass probability dips and plateaus (1.4 orders over the series); with the examples it
+        # rises steadily, 2.2 orders (docs/bundled-series.md).
+        rng = random.Random(SEED + 2)
+        held = set(items["arith"]) | {(b, a) for a, b in items["arith"]}
+        inst = []
+        for i, (a, b) in enumerate(items["arith"]):
+            if a + b < 100:
+                continue
+            shots = []
+            while len(shots) < ARITH_SHOTS:
+                x, y = rng.randrange(10, 100), rng.randrange(10, 100)
+                if (x, y) not in held:
+                    shots.append(f"{x}+{y}={x + y}")
+            inst.append(Instance(f"{i:02d}", "\n".join(shots) + f"\n{a}+{b}=", (str(a + b),)))
+        return Task("arith", tuple(inst), Exact(), stop=("\n",), max_new_tokens=6,
+                    source="bundled: 2-digit addition", description="8-shot a+b= with a three-digit sum")
     if name == "dates":
         rng = random.Random(SEED + 1)
         inst = []
