@@ -116,6 +116,15 @@ def test_resume_refuses_a_task_that_changed(tmp_path, capsys):
     assert code == 2 and "has changed since run 'main'" in err and "Traceback" not in err
     df = pd.read_sql("SELECT * FROM results", sqlite3.connect(store))
     assert len(df) == 1 and df["samples"].iloc[0] == 8
+    # a run made before fingerprints: a stored instance id the task no longer has is refused too
+    db = sqlite3.connect(store)
+    config = json.loads(db.execute("SELECT config_json FROM runs").fetchone()[0])
+    del config["task_digests"]
+    db.execute("UPDATE runs SET config_json = ?", (json.dumps(config),))
+    db.commit()
+    task.write_text((body % "Paris").replace("id: fr", "id: france"))
+    code, _, err = run_cli(capsys, *args, "--resume")
+    assert code == 2 and "has changed" in err
 
 
 def test_tasks_lists_builtin_tasks(capsys):

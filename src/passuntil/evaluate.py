@@ -46,11 +46,7 @@ def resolve_config(
         if (tasks and list(tasks) != config["tasks"]) or (models and list(models) != stored_models):
             raise UserError(f"run {run_id!r} covers tasks {config['tasks']} and models {stored_models}; "
                             "--resume continues it as it was started (use --run NAME for other tasks or models)")
-        for name, digest in config.get("task_digests", {}).items():
-            if get_task(name).digest() != digest:
-                raise UserError(f"task {name!r} has changed since run {run_id!r} was started (its prompts, "
-                                "references, stops or check differ); its stored results belong to the old "
-                                "task: start a new run with --run NAME")
+        _check_tasks_unchanged(store, run_id, config)
         return config
     if store.run_exists(run_id):
         raise UserError(f"run {run_id!r} already exists in {store.path}; pass --resume to continue it "
@@ -66,6 +62,22 @@ def resolve_config(
               "models": [m.to_dict() for m in chosen], "task_digests": digests}
     store.create_run(run_id, config, config["models"])
     return config
+
+
+def _check_tasks_unchanged(store: Store, run_id: str, config: dict) -> None:
+    """Refuse to resume a run whose tasks changed since it started: by the fingerprints it
+    stored, or, for runs made before fingerprints, by stored instance ids the task no longer has."""
+    stored_ids = None if "task_digests" in config else store.instance_ids(run_id)
+    for name in config["tasks"]:
+        task = get_task(name)
+        if stored_ids is None:
+            changed = task.digest() != config["task_digests"].get(name)
+        else:
+            changed = not stored_ids.get(task.name, set()) <= {x.id for x in task.instances}
+        if changed:
+            raise UserError(f"task {name!r} has changed since run {run_id!r} was started (its prompts, "
+                            "references, stops or check differ); its stored results belong to the old "
+                            "task: start a new run with --run NAME")
 
 
 def default_series(tasks: Sequence[str]) -> str:

@@ -267,6 +267,14 @@ class Store:
         query += " ORDER BY r.run_id, m.n_params, r.task, r.instance_id"
         return pd.read_sql_query(query, self.db, params=params)
 
+    def instance_ids(self, run_id: str) -> dict[str, set[str]]:
+        """The instance ids with stored results, per task name."""
+        out: dict[str, set[str]] = {}
+        for task, iid in self.db.execute("SELECT DISTINCT task, instance_id FROM results WHERE run_id=?",
+                                         (run_id,)):
+            out.setdefault(task, set()).add(iid)
+        return out
+
     def completions(self, run_id: str):
         import pandas as pd
 
