@@ -23,7 +23,6 @@ import torch
 
 from passuntil.backends.base import SamplingParams
 from passuntil.backends.torch_backend import TorchSampler
-from passuntil.models.checkpoint import load_checkpoint
 from passuntil.models.tokenizer import decode
 from passuntil.tasks import get_task
 
@@ -61,8 +60,7 @@ def main() -> None:
     folder = BUNDLED / args.model if args.model else folders[-1]
     dtype = getattr(torch, args.dtype)
     kw = {"max_rows": args.max_rows} if args.max_rows else {}
-    kw["device"] = args.device
-    ours = TorchSampler(load_checkpoint(folder).to(dtype), name=folder.name, **kw)
+    ours = TorchSampler.from_folder(folder, dtype=args.dtype, device=args.device, **kw)
     tasks = [get_task(t) for t in args.tasks.split(",")]
     prompts = [t.prompt(t.instances[0]) for t in tasks]
     params = [SamplingParams(n=args.n, seed=1, stop=t.stop, max_tokens=args.max_tokens or t.max_new_tokens)
@@ -115,8 +113,6 @@ def main() -> None:
             torch.cuda.synchronize()
     hf_s = time.perf_counter() - t0
 
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
     peak = matmul_peak(args.device, dtype)
     ours_rate, hf_rate = n_samples / ours_s, hf_samples / hf_s
     print(f"  passuntil TorchSampler: {n_samples:,} samples in {ours_s:.2f}s = {ours_rate:,.0f} samples/s, "

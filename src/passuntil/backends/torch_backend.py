@@ -105,10 +105,11 @@ class TorchSampler:
         pass probability by up to 15%; docs/sampler.md#speed)."""
         if dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
-        unknown = set(kw) - set(inspect.signature(cls.__init__).parameters) - {"self", "model"}
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "name"}
+        unknown = set(kw) - known - {"name"}
         if unknown:
-            raise UserError(f"unknown torch backend option(s) {sorted(unknown)}; known: dtype, device, "
-                            "max_rows, cache_bytes, prefix_cache")
+            raise UserError(f"unknown torch backend option(s) {sorted(unknown)}; known: "
+                            f"{', '.join(['dtype', *sorted(known)])}")
         model = load_checkpoint(folder).to(getattr(torch, dtype))
         return cls(model, name=kw.pop("name", Path(folder).name), **kw)
 
