@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from passuntil.backends import cpu_kernel
 from passuntil.backends.base import SamplingParams
 from passuntil.backends.torch_backend import TorchSampler
 from passuntil.models.tokenizer import decode
@@ -69,7 +70,8 @@ def main() -> None:
     n_nonemb = cfg.non_embedding_params()
     print(f"model {folder.name}: N={n_nonemb:,} non-embedding, width {cfg.hidden_size}, "
           f"{cfg.num_hidden_layers} layers; {len(prompts)} prompts x {args.n} samples; dtype {args.dtype}; "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}; C kernels: "
+          f"{'on' if ours._use_kernel() else 'off (' + (cpu_kernel.unavailable() or 'not for this dtype/device') + ')'}")
 
     ours.generate(prompts[:1], [SamplingParams(n=8, seed=0, max_tokens=4)])  # warm-up
     times = []

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from passuntil.backends import cpu_kernel
 from passuntil.backends.base import Completion, SamplingParams, TokenScores
 from passuntil.errors import UserError
 from passuntil.models.checkpoint import load_checkpoint
@@ -84,19 +85,24 @@ class TorchSampler:
         self._prefix_cache = prefix_cache
         self.row_steps = 0  # rows x decoding steps computed, padding and dead rows included
         self.repacks = 0
-        # Fused projections for decoding: one matmul for q|k|v and one for gate|up per layer.
-        # Decoding keeps each head's q and k dims interleaved, the pairs (i, i + d/2) that RoPE
-        # rotates side by side, so rotary is one complex multiply; q.k does not depend on the
-        # order of the dims (prefix keys are permuted the same way).
+        self._store: list[torch.Tensor] = []  # the C kernel's suffix caches (_generate_chunk)
+        # Decoding's weights. Fused projections: one matmul for q|k|v and one for gate|up per
+        # layer, each RMSNorm's weight folded into the matmul after it (so a norm is one kernel).
+        # Each head's q and k dims are interleaved, the pairs (i, i + d/2) that RoPE rotates side
+        # by side, so rotary is one complex multiply; q.k does not depend on the order of the
+        # dims (prefix keys are permuted the same way).
         cfg = self.model.cfg
         H, d = cfg.num_attention_heads, cfg.head_dim
         self._pairs = torch.arange(d).view(2, d // 2).T.reshape(-1)
         interleave = lambda w: w.view(H, d, -1)[:, self._pairs].reshape(w.shape)  # noqa: E731
+        fold = lambda w, norm: (w.float() * norm.weight.float()).to(w.dtype)  # noqa: E731
         with torch.no_grad():
             layers = self.model.layers
-            self._qkv = [torch.cat([interleave(b.self_attn.q_proj.weight), interleave(b.self_attn.k_proj.weight),
-                                    b.self_attn.v_proj.weight]) for b in layers]
-            self._gate_up = [torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]) for b in layers]
+            self._qkv = [fold(torch.cat([interleave(b.self_attn.q_proj.weight), interleave(b.self_attn.k_proj.weight),
+                                         b.self_attn.v_proj.weight]), b.input_layernorm) for b in layers]
+            self._gate_up = [fold(torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]),
+                                  b.post_attention_layernorm) for b in layers]
+            self._head = fold(self.model.embed_tokens.weight, self.model.norm)
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, dtype: str = "float32", **kw) -> TorchSampler:
@@ -143,8 +149,11 @@ class TorchSampler:
         their suffix caches would pass `cache_bytes`."""
         out: list[list[Completion | None]] = [[None] * sp.n for sp in params]
         cfg = self.model.cfg
-        row_bytes = (2 * cfg.num_hidden_layers * cfg.hidden_size * self.model.embed_tokens.weight.element_size()
-                     * max((sp.max_tokens for sp in params), default=1))
+        max_new = max((sp.max_tokens for sp in params), default=1)
+        if self._use_kernel():  # K and V, positions padded to 16, two buffers each (see _generate_chunk)
+            row_bytes = 2 * 2 * cfg.num_hidden_layers * cfg.hidden_size * 4 * -(-max_new // 16) * 16
+        else:
+            row_bytes = 2 * cfg.num_hidden_layers * cfg.hidden_size * self.model.embed_tokens.weight.element_size() * max_new
         max_rows = min(self.max_rows, self.cache_bytes // row_bytes)
         by_size: dict[int, list[int]] = {}
         for r, sp in enumerate(params):
@@ -159,6 +168,7 @@ class TorchSampler:
                         chunk = []
             if chunk:
                 self._generate_chunk(chunk, seg, prompts, params, out)
+        self._store = []  # not kept between calls: a sampler idle in memory holds no caches
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
@@ -188,10 +198,14 @@ class TorchSampler:
         pad = lambda t: F.pad(t, (0, 0, 0, T - t.shape[2]))  # noqa: E731
         kp_all = [torch.cat([pad(p[0][li][0])[..., self._pairs] for p in prefixes]) for li in range(len(m.layers))]
         vp_all = [torch.cat([pad(p[0][li][1]) for p in prefixes]) for li in range(len(m.layers))]
+        kernel = self._use_kernel()
+        if kernel:  # the C kernel reads each prefix in place: T padded to 16, keys transposed (P, H, d, T)
+            pad16 = lambda t: F.pad(t, (0, 0, 0, -T % 16))  # noqa: E731
+            kp_all = [pad16(k).transpose(-1, -2).contiguous() for k in kp_all]
+            vp_all = [pad16(v).contiguous() for v in vp_all]
         # Bookkeeping (row state, stops, repacking) stays on the CPU; the model's tensors on `dev`.
-        on_dev = seg_prefix.to(dev)
-        kp, vp = [k[on_dev] for k in kp_all], [v[on_dev] for v in vp_all]
-        mask, plen = mask_all[on_dev], plen_all[seg_prefix]
+        prefix = self._segment_prefixes(kernel, seg_prefix, kp_all, vp_all, mask_all, plen_all)
+        plen = plen_all[seg_prefix]
         logits = torch.stack([prefixes[i][1] for i in seg_prefix.tolist()]).repeat_interleave(R, dim=0)
         # per-row sampling state; row_id is the row's place in the chunk's output (-1: padding)
         keys = np.concatenate([row_keys(params[r].seed or 0, np.arange(params[r].first_sample + s0,
@@ -219,8 +233,18 @@ class TorchSampler:
         final_length = torch.empty(B, dtype=torch.long)
         final_reason = torch.empty(B, dtype=torch.long)
         # suffix caches, step-major (M, S, H, R, d): a step's keys are one contiguous slab
-        Ks = [torch.empty(max_new, S, H, R, d, device=dev, dtype=dt) for _ in m.layers]
-        Vs = [torch.empty(max_new, S, H, R, d, device=dev, dtype=dt) for _ in m.layers]
+        if kernel:
+            # The C kernel's: (M/16, rows, H, ...), each row's positions in blocks of 16, keys
+            # transposed within a block. Each cache has two halves in one buffer that the sampler
+            # keeps: a repack gathers the rows from one half into the other, and pages once
+            # touched need no new page faults (they cost 10% of the time when allocated anew).
+            Mb, half, numel = -(-max_new // 16), 0, -(-max_new // 16) * B * H * d * 16
+            halves = [(buf[:numel], buf[numel:]) for buf in self._suffix_store(2 * len(m.layers), 2 * numel)]
+            Ks = [halves[2 * li][0].view(Mb, B, H, d, 16) for li in range(len(m.layers))]
+            Vs = [halves[2 * li + 1][0].view(Mb, B, H, 16, d) for li in range(len(m.layers))]
+        else:
+            Ks = [torch.empty(max_new, S, H, R, d, device=dev, dtype=dt) for _ in m.layers]
+            Vs = [torch.empty(max_new, S, H, R, d, device=dev, dtype=dt) for _ in m.layers]
         for step in range(max_new):
             if filtered:
                 probs = sampling_distribution(logits, temp, topk, topp)
@@ -260,12 +284,16 @@ class TorchSampler:
                 temp, topk, topp, limit = temp[src], topk[src], topp[src], limit[src]
                 stop_has = [h[src] for h in stop_has]
                 keys = keys[src.numpy()]
-                Ks = [_gather_rows(k, src, R, step) for k in Ks]
-                Vs = [_gather_rows(v, src, R, step) for v in Vs]
-                on_dev = seg_prefix.to(dev)
-                kp, vp = [k[on_dev] for k in kp_all], [v[on_dev] for v in vp_all]
-                mask, plen = mask_all[on_dev], plen_all[seg_prefix]
-            logits = self._decode_step(tok, plen + step, step, R, kp, vp, mask, Ks, Vs)
+                if kernel:
+                    half ^= 1
+                    Ks = [_gather_blocks(k, halves[2 * li][half], src, step // 16 + 1) for li, k in enumerate(Ks)]
+                    Vs = [_gather_blocks(v, halves[2 * li + 1][half], src, step // 16 + 1) for li, v in enumerate(Vs)]
+                else:
+                    Ks = [_gather_rows(k, src, R, step) for k in Ks]
+                    Vs = [_gather_rows(v, src, R, step) for v in Vs]
+                prefix = self._segment_prefixes(kernel, seg_prefix, kp_all, vp_all, mask_all, plen_all)
+                plen = plen_all[seg_prefix]
+            logits = self._decode_step(tok, plen + step, step, R, prefix, Ks, Vs)
             self.row_steps += len(tok)
         tokens, length, reason = final_tokens.tolist(), final_length.tolist(), final_reason.tolist()
         for i, (r, s0, n) in enumerate(chunk):
@@ -277,29 +305,68 @@ class TorchSampler:
                     text = next((text[: -len(st)] for st in params[r].stop if st and text.endswith(st)), text)
                 out[r][s0 + j] = Completion(s0 + j, text, tuple(toks), "length" if reason[row] == 0 else "stop")
 
-    def _decode_step(self, tok, positions, step, R, kp, vp, mask, Ks, Vs):
+    def _use_kernel(self) -> bool:
+        """Whether decoding attention runs in the compiled CPU kernel (cpu_kernel.py)."""
+        cfg, w = self.model.cfg, self.model.embed_tokens.weight
+        return (w.device.type == "cpu" and w.dtype == torch.float32 and cfg.head_dim % 16 == 0
+                and cpu_kernel.load() is not None)
+
+    def _suffix_store(self, n: int, numel: int) -> list[torch.Tensor]:
+        """n flat float32 buffers of at least `numel` elements, kept from chunk to chunk."""
+        if len(self._store) != n or self._store[0].numel() < numel:
+            self._store = []  # free the old ones first
+            self._store = [torch.empty(numel) for _ in range(n)]
+        return [buf[:numel] for buf in self._store]
+
+    @staticmethod
+    def _segment_prefixes(kernel: bool, seg_prefix, kp_all, vp_all, mask_all, plen_all) -> tuple:
+        """What `_decode_step` attends to: for the C kernel the distinct prefixes and which one
+        each segment reads; for PyTorch a copy of its prefix (and padding mask) per segment."""
+        if kernel:
+            return True, kp_all, vp_all, (seg_prefix.contiguous(), plen_all)
+        on_dev = seg_prefix.to(kp_all[0].device)
+        return False, [k[on_dev] for k in kp_all], [v[on_dev] for v in vp_all], mask_all[on_dev]
+
+    def _decode_step(self, tok, positions, step, R, prefix, Ks, Vs):
         """One token for every row of the live segments; returns the next logits (S*R, V)."""
         m, cfg = self.model, self.model.cfg
         S = positions.shape[0]
         H, d, C = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+        kernel, kp, vp, mask = prefix
         cos, sin = rope_tables(cfg, positions.to(self.device))  # (S, d): one position per segment
         dt = m.embed_tokens.weight.dtype
-        cos, sin = (t[:, None, None, None, : d // 2].to(dt) for t in (cos, sin))
+        cos, sin = (t[:, : d // 2].to(dt).contiguous() for t in (cos, sin))
         scale = 1.0 / math.sqrt(d)
         x = m.embed_tokens(tok.to(self.device))  # (S*R, C)
+        if kernel:
+            norm = lambda x: cpu_kernel.rms_norm(x, cfg.rms_norm_eps)  # noqa: E731
+        else:
+            norm = lambda x: F.rms_norm(x.float(), (C,), eps=cfg.rms_norm_eps).to(x.dtype)  # noqa: E731
         for li, layer in enumerate(m.layers):
             att = layer.self_attn
-            qkv = F.linear(layer.input_layernorm(x), self._qkv[li]).view(S, R, 3, H, d)
-            qk = _rotate_pairs(qkv[:, :, :2], cos, sin)  # (S, R, 2, H, d)
-            q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
-            Ks[li][step] = k
-            Vs[li][step] = v
-            ks, vs = Ks[li][: step + 1], Vs[li][: step + 1]  # (s, S, H, R, d)
-            y = _attend(q, kp[li], vp[li], mask, ks, vs, scale)  # (S, H, R, d)
-            x = x + att.o_proj(y.transpose(1, 2).reshape(S * R, C))
-            gate, up = F.linear(layer.post_attention_layernorm(x), self._gate_up[li]).chunk(2, dim=-1)
-            x = x + layer.mlp.down_proj(layer.mlp.act(gate) * up)
-        return m.norm(x) @ m.embed_tokens.weight.T
+            qkv = F.linear(norm(x), self._qkv[li])
+            if kernel:
+                y = torch.empty(S * R, C)
+                seg_prefix, plen = mask
+                cpu_kernel.decode_attention(qkv, cos, sin, kp[li], vp[li], seg_prefix, plen, Ks[li], Vs[li], y,
+                                            step, scale)
+            else:
+                qkv = qkv.view(S, R, 3, H, d)
+                qk = _rotate_pairs(qkv[:, :, :2], *(t[:, None, None, None] for t in (cos, sin)))  # (S, R, 2, H, d)
+                q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+                Ks[li][step] = k
+                Vs[li][step] = v
+                ks, vs = Ks[li][: step + 1], Vs[li][: step + 1]  # (s, S, H, R, d)
+                y = _attend(q, kp[li], vp[li], mask, ks, vs, scale).transpose(1, 2).reshape(S * R, C)
+            x = torch.addmm(x, y, att.o_proj.weight.T)
+            gate_up = F.linear(norm(x), self._gate_up[li])
+            if kernel and cfg.hidden_act == "silu":
+                act = cpu_kernel.silu_mul(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                act = layer.mlp.act(gate).mul_(up)
+            x = torch.addmm(x, act, layer.mlp.down_proj.weight.T)
+        return F.linear(norm(x), self._head)
 
     # scoring ------------------------------------------------------------------------------------
 
@@ -416,4 +483,13 @@ def _gather_rows(cache: torch.Tensor, src: torch.Tensor, R: int, step: int) -> t
     src = src.to(cache.device)
     rows = cache[: step + 1, src // R, :, src % R]  # (S_new * R, step + 1, H, d)
     out[: step + 1] = rows.view(S_new, R, step + 1, H, d).permute(2, 0, 3, 1, 4)
+    return out
+
+
+def _gather_blocks(cache: torch.Tensor, buffer: torch.Tensor, src: torch.Tensor, used: int) -> torch.Tensor:
+    """A kernel-layout suffix cache (M/16, rows, ...) rebuilt in `buffer` (flat, not overlapping
+    `cache`) with row i taken from old row src[i]; only the first `used` blocks are copied."""
+    Mb, _, *rest = cache.shape
+    out = buffer[: Mb * len(src) * math.prod(rest)].view(Mb, len(src), *rest)
+    torch.index_select(cache[:used], 1, src, out=out[:used])
     return out

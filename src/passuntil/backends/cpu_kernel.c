@@ -1,0 +1,218 @@
+/* Compiled kernels for passuntil's built-in CPU sampler (loaded by cpu_kernel.py).
+ *
+ * decode_attention, one call per layer and decoding step: for every row (a sample) of every
+ * segment (rows that share one prompt), rotate its new query and key (RoPE, rotated pairs side
+ * by side), append key and value to the row's suffix cache, attend to the segment's shared
+ * prompt prefix and to the row's own suffix in one softmax, and write the row's (H * d)
+ * attention output. One pass instead of eager PyTorch's dozen kernels. Work item = (segment,
+ * head): its prefix keys and values stay in L1 while blocks of RB rows are computed against
+ * them as small matrix products held in registers. Needs d % 16 == 0, the prefix length T
+ * padded to a multiple of 16 (zero keys and values) and suffix caches in blocks of 16 positions.
+ *
+ * rms_norm and silu_mul: the rest of a layer's element-wise work, one pass each.
+ *
+ * Written with GCC/Clang vector extensions (16 floats), so it compiles to AVX-512, AVX2 or NEON.
+ * Each function splits its work over OpenMP threads; loaded after PyTorch, this library shares
+ * PyTorch's libgomp (same soname) and so its thread pool.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));  /* unaligned loads, stores */
+typedef int32_t i16 __attribute__((vector_size(64)));
+
+enum { RB = 8 };
+
+typedef struct {
+    const float *qkv;      /* (S*R, 3, H, d): the fused q|k|v projection, before RoPE */
+    const float *cosv;     /* (S, d/2): cos and sin of each segment's position */
+    const float *sinv;
+    const float *kpT;      /* (P, H, d, T): prefix keys, transposed, RoPE applied */
+    const float *vp;       /* (P, H, T, d): prefix values */
+    const int64_t *seg_prefix; /* (S,): prefix of each segment */
+    const int64_t *plen;   /* (P,): length of each prefix (<= T) */
+    float *KsT;            /* (M/16, S*R, H, d, 16): suffix keys in blocks of 16 positions, each
+                              block transposed; position `step` is written here */
+    float *Vs;             /* (M/16, S*R, H, 16, d): suffix values in blocks of 16 positions */
+    float *out;            /* (S*R, H*d) */
+    int64_t step, S, R, H, d, T;
+    float scale;
+    int64_t begin, end;    /* this thread's (segment, head) items */
+} Args;
+
+static inline v16 load(const float *p) { return *(const v16u *)p; }
+static inline void store(float *p, v16 x) { *(v16u *)p = x; }
+static inline v16 splat(float x) { return (v16){0} + x; }
+static inline v16 select(i16 mask, v16 a, v16 b) { return (v16)((mask & (i16)a) | (~mask & (i16)b)); }
+
+/* e^x for x <= 0 (e^x = 2^n e^r, |r| <= ln2/2, degree-6 Taylor: relative error < 2e-7); below
+   -87 it is 0. */
+static inline v16 exp_nonpos(v16 x) {
+    const i16 tiny = x < splat(-87.0f);
+    x = select(tiny, splat(-87.0f), x);
+    const v16 magic = splat(12582912.0f);  /* 1.5 * 2^23: adding it rounds to an integer */
+    const v16 n = (x * 1.44269504f + magic) - magic;
+    const v16 r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+    v16 p = splat(0.0013888889f);
+    p = p * r + 0.008333334f;
+    p = p * r + 0.041666668f;
+    p = p * r + 0.16666667f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
+    return select(tiny, splat(0.0f), p * (v16)bits);
+}
+
+static inline float hsum(v16 x) { float s = 0; for (int i = 0; i < 16; i++) s += x[i]; return s; }
+static inline float hmax(v16 x) { float m = x[0]; for (int i = 1; i < 16; i++) m = x[i] > m ? x[i] : m; return m; }
+
+/* RoPE on one head's vector (pairs side by side), times `scale`. */
+static inline void rotate(float *dst, const float *src, const float *cs, const float *sn, int64_t d, float scale) {
+    for (int64_t i = 0; i < d / 2; i++) {
+        dst[2 * i] = (src[2 * i] * cs[i] - src[2 * i + 1] * sn[i]) * scale;
+        dst[2 * i + 1] = (src[2 * i + 1] * cs[i] + src[2 * i] * sn[i]) * scale;
+    }
+}
+
+static inline __attribute__((always_inline)) void run_item(const Args *a, int64_t item, const int64_t nv) {
+    const int64_t S = a->S, R = a->R, H = a->H, T = a->T, step = a->step, d = nv * 16;
+    const int64_t s = item / H, h = item % H;
+    const int64_t p = a->seg_prefix[s], tp = a->plen[p], tb = (tp + 15) / 16 * 16;
+    const int64_t width = tb + (step + 1 + 15) / 16 * 16;  /* scores: prefix blocks, then suffix */
+    const float *KT = a->kpT + (p * H + h) * d * T, *V = a->vp + (p * H + h) * T * d;
+    const float *cs = a->cosv + s * (d / 2), *sn = a->sinv + s * (d / 2);
+    const int64_t block = S * H * R * d * 16;  /* floats per 16 suffix positions of a cache */
+    float q[RB][d], sc[RB][width];
+    for (int64_t r0 = 0; r0 < R; r0 += RB) {
+        int64_t rows[RB];  /* rows past R repeat the last row: same values, written twice */
+        for (int b = 0; b < RB; b++) rows[b] = r0 + b < R ? r0 + b : R - 1;
+        const float *KsT[RB];  /* each row's own first (d, 16) block of suffix keys */
+        for (int b = 0; b < RB; b++) {
+            const float *qs = a->qkv + (s * R + rows[b]) * 3 * H * d + h * d;
+            float k[d], *kst = a->KsT + ((s * R + rows[b]) * H + h) * d * 16;
+            rotate(q[b], qs, cs, sn, d, a->scale);
+            rotate(k, qs + H * d, cs, sn, d, 1.0f);
+            for (int64_t j = 0; j < d; j++) kst[step / 16 * block + j * 16 + step % 16] = k[j];
+            memcpy(a->Vs + step / 16 * block + ((s * R + rows[b]) * H + h) * 16 * d + step % 16 * d, qs + 2 * H * d,
+                   d * sizeof(float));
+            KsT[b] = kst;
+        }
+        /* prefix scores: (RB x d) . (d x 16 keys) per block, RB accumulators in registers */
+        for (int64_t t = 0; t < tb; t += 16) {
+            v16 acc[RB];
+            for (int b = 0; b < RB; b++) acc[b] = splat(0.0f);
+            for (int64_t j = 0; j < d; j++) {
+                const v16 k = load(KT + j * T + t);
+                for (int b = 0; b < RB; b++) acc[b] += q[b][j] * k;
+            }
+            for (int b = 0; b < RB; b++) store(&sc[b][t], acc[b]);
+        }
+        for (int b = 0; b < RB; b++) {  /* the row's own suffix, 16 positions at a time */
+            for (int64_t i = 0; i <= step; i += 16) {
+                v16 acc = splat(0.0f);
+                for (int64_t j = 0; j < d; j++) acc += q[b][j] * load(KsT[b] + i / 16 * block + j * 16);
+                store(&sc[b][tb + i], acc);
+            }
+            for (int64_t t = tp; t < tb; t++) sc[b][t] = -INFINITY;
+            for (int64_t t = tb + step + 1; t < width; t++) sc[b][t] = -INFINITY;
+        }
+        /* softmax weights (unnormalised) and their sums */
+        float inv[RB];
+        for (int b = 0; b < RB; b++) {
+            v16 m = load(sc[b]);
+            for (int64_t t = 16; t < width; t += 16) { const v16 x = load(&sc[b][t]); m = select(x > m, x, m); }
+            const float mx = hmax(m);
+            v16 sum = splat(0.0f);
+            for (int64_t t = 0; t < width; t += 16) {
+                const v16 w = exp_nonpos(load(&sc[b][t]) - mx);
+                store(&sc[b][t], w);
+                sum += w;
+            }
+            inv[b] = 1.0f / hsum(sum);
+        }
+        /* outputs: weights . values, prefix (V rows past tp are zero) then suffix */
+        for (int64_t v = 0; v < nv; v++) {
+            v16 o[RB];
+            for (int b = 0; b < RB; b++) o[b] = splat(0.0f);
+            for (int64_t t = 0; t < tp; t++) {
+                const v16 val = load(V + t * d + 16 * v);
+                for (int b = 0; b < RB; b++) o[b] += sc[b][t] * val;
+            }
+            for (int b = 0; b < RB; b++) {
+                for (int64_t i = 0; i <= step; i++)
+                    o[b] += sc[b][tb + i] * load(a->Vs + i / 16 * block + ((s * R + rows[b]) * H + h) * 16 * d
+                                                 + i % 16 * d + 16 * v);
+                store(a->out + (s * R + rows[b]) * H * d + h * d + 16 * v, o[b] * inv[b]);
+            }
+        }
+    }
+}
+
+static void run_range(const Args *a) {
+    for (int64_t item = a->begin; item < a->end; item++) {
+        if (a->d == 16) run_item(a, item, 1);  /* the bundled series' head size, fully unrolled */
+        else run_item(a, item, a->d / 16);
+    }
+}
+
+/* The (segment, head) items split over `threads` threads. M: the suffix caches' positions. */
+int decode_attention(const float *qkv, const float *cosv, const float *sinv, const float *kpT,
+                     const float *vp, const int64_t *seg_prefix, const int64_t *plen, float *KsT,
+                     float *Vs, float *out, int64_t step, int64_t S, int64_t R, int64_t H,
+                     int64_t d, int64_t T, int64_t M, float scale, int64_t threads) {
+    if (d % 16 != 0 || T % 16 != 0 || M % 16 != 0 || step >= M) return 1;
+    const int64_t items = S * H;
+    threads = threads < 1 ? 1 : threads > items ? items : threads;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < threads; i++) {
+        Args args = {qkv, cosv, sinv, kpT, vp, seg_prefix, plen, KsT, Vs, out,
+                     step, S, R, H, d, T, scale, items * i / threads, items * (i + 1) / threads};
+        run_range(&args);
+    }
+    return 0;
+}
+
+/* out[i] = x[i] / sqrt(mean(x[i]^2) + eps) for each of n rows of C floats (the norm's weight is
+   folded into the matrix that follows it). */
+int rms_norm(const float *x, float *out, int64_t n, int64_t C, float eps, int64_t threads) {
+    threads = threads < 1 ? 1 : threads;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n * C >= 16384)
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * C;
+        float *oi = out + i * C;
+        v16 acc = splat(0.0f);
+        int64_t j = 0;
+        for (; j + 16 <= C; j += 16) { const v16 v = load(xi + j); acc += v * v; }
+        float ss = hsum(acc);
+        for (; j < C; j++) ss += xi[j] * xi[j];
+        const float inv = 1.0f / sqrtf(ss / (float)C + eps);
+        j = 0;
+        for (; j + 16 <= C; j += 16) store(oi + j, load(xi + j) * inv);
+        for (; j < C; j++) oi[j] = xi[j] * inv;
+    }
+    return 0;
+}
+
+/* SiLU(x) = x / (1 + e^-x), from e^-|x| so that the exponent is never positive. */
+static inline v16 silu(v16 x) {
+    const i16 neg = x < splat(0.0f);
+    const v16 e = exp_nonpos(select(neg, x, -x));  /* e^-|x| */
+    return x * select(neg, e, splat(1.0f)) / (1.0f + e);
+}
+
+/* out[i, :] = SiLU(gu[i, :F]) * gu[i, F:] for each of n rows of the fused gate|up projection. */
+int silu_mul(const float *gu, float *out, int64_t n, int64_t F, int64_t threads) {
+    threads = threads < 1 ? 1 : threads;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n * F >= 16384)
+    for (int64_t i = 0; i < n; i++) {
+        const float *g = gu + i * 2 * F, *u = g + F;
+        float *oi = out + i * F;
+        int64_t j = 0;
+        for (; j + 16 <= F; j += 16) store(oi + j, silu(load(g + j)) * load(u + j));
+        for (; j < F; j++) oi[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+    }
+    return 0;
+}

@@ -1,0 +1,127 @@
+"""The compiled CPU kernels against plain PyTorch, and the sampler with them against without."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from passuntil.backends import cpu_kernel, torch_backend
+from passuntil.backends.base import SamplingParams
+from passuntil.backends.torch_backend import TorchSampler
+
+SMALL = Path(__file__).parents[1] / "src/passuntil/bundled/tiny/tiny-3"
+
+if os.environ.get("PASSUNTIL_REQUIRE_KERNEL") == "1" and cpu_kernel.load() is None:  # CI has a compiler
+    raise RuntimeError(f"PASSUNTIL_REQUIRE_KERNEL=1 but no CPU kernel: {cpu_kernel.unavailable()}")
+needs_kernel = pytest.mark.skipif(cpu_kernel.load() is None, reason=f"no CPU kernel: {cpu_kernel.unavailable()}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [16, 32])
+def test_decode_attention_equals_one_softmax_over_prefix_and_suffix(d):
+    """Step by step, across a block boundary of the suffix caches: each row's output is one
+    softmax over its segment's prefix (unpadded part) and its own rotated suffix keys; rows
+    past a multiple of 8, prefixes shared by several segments."""
+    g = torch.Generator().manual_seed(0)
+    P, H, R, M = 2, 3, 3, 20
+    plen = torch.tensor([20, 7])
+    T = 32  # padded to 16
+    seg_prefix = torch.tensor([0, 1, 0])
+    S = len(seg_prefix)
+    kp = torch.randn(P, H, T, d, generator=g)
+    vp = torch.randn(P, H, T, d, generator=g)
+    for p in range(P):  # padding is zero, as the sampler pads it
+        kp[p, :, plen[p]:] = 0
+        vp[p, :, plen[p]:] = 0
+    Mb = -(-M // 16)
+    ks = torch.zeros(Mb, S * R, H, d, 16)
+    vs = torch.zeros(Mb, S * R, H, 16, d)
+    keys, values = [], []  # the reference's suffix: (S*R, H, d) per step
+    for step in range(M):
+        qkv = torch.randn(S * R, 3 * H * d, generator=g)
+        angle = torch.rand(S, d // 2, generator=g) * 6.3
+        cos, sin = angle.cos(), angle.sin()
+        out = torch.empty(S * R, H * d)
+        cpu_kernel.decode_attention(qkv, cos, sin, kp.transpose(-1, -2).contiguous(), vp, seg_prefix, plen,
+                                    ks, vs, out, step, d**-0.5)
+        q, k, v = qkv.view(S, R, 3, H, d).unbind(2)
+        c, s = cos[:, None, None], sin[:, None, None]
+        keys.append(torch_backend._rotate_pairs(k, c, s).reshape(S * R, H, d))
+        values.append(v.reshape(S * R, H, d))
+        q = torch_backend._rotate_pairs(q, c, s).reshape(S * R, H, d)
+        for row in range(S * R):
+            p = seg_prefix[row // R]
+            kk = torch.cat([kp[p, :, : plen[p]], torch.stack([x[row] for x in keys], dim=1)], dim=1)
+            vv = torch.cat([vp[p, :, : plen[p]], torch.stack([x[row] for x in values], dim=1)], dim=1)
+            w = (kk @ q[row, :, :, None] * d**-0.5).softmax(dim=1)  # (H, ctx, 1)
+            want = (w * vv).sum(1).reshape(-1)
+            assert (out[row] - want).abs().max() < 1e-5, (step, row)
+        assert torch.allclose(ks[step // 16, :, :, :, step % 16], keys[-1], atol=1e-6)  # rounding of RoPE
+        assert torch.equal(vs[step // 16, :, :, step % 16], values[-1])
+
+
+@needs_kernel
+def test_decode_attention_refuses_inconsistent_tensors():
+    args = [torch.zeros(6, 96), torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(1, 2, 16, 16),
+            torch.zeros(1, 2, 16, 16), torch.zeros(2, dtype=torch.long), torch.tensor([5]),
+            torch.zeros(1, 6, 2, 16, 16), torch.zeros(1, 6, 2, 16, 16), torch.zeros(6, 32)]
+    cpu_kernel.decode_attention(*args, 0, 0.25)  # consistent: runs
+    bad_step = [*args]
+    with pytest.raises(ValueError, match="shapes"):
+        cpu_kernel.decode_attention(*bad_step, 16, 0.25)  # past the cache
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_kernel.decode_attention(args[0].T, *args[1:], 0, 0.25)
+    with pytest.raises(ValueError, match="int64"):
+        cpu_kernel.decode_attention(*args[:5], args[5].int(), *args[6:], 0, 0.25)
+
+
+@needs_kernel
+def test_rms_norm_and_silu_mul_equal_pytorch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(37, 112, generator=g) * 3
+    assert torch.allclose(cpu_kernel.rms_norm(x, 1e-5), F.rms_norm(x, (112,), eps=1e-5), rtol=1e-5, atol=1e-6)
+    gate_up = torch.randn(37, 2 * 280, generator=g) * 20  # SiLU far into both tails; 280 = 17 * 16 + 8
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.allclose(cpu_kernel.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_sampler_draws_the_same_samples_with_and_without_the_kernel(monkeypatch):
+    """Same seeds, same samples: the kernel path and the PyTorch path differ only by rounding
+    (a draw that falls on a CDF boundary), with stops, early finishes and repacking."""
+    torch.set_num_threads(2)
+    prompts = ["def f(x):\n", "reverse: hqt -> ", "12+5="]
+    params = [SamplingParams(n=150, seed=4, stop=("\n\n",), max_tokens=40),
+              SamplingParams(n=100, seed=5, stop=("\n",), max_tokens=30),
+              SamplingParams(n=50, seed=6, stop=("\n",), max_tokens=6, temperature=0.8)]
+    fast = TorchSampler.from_folder(SMALL)
+    assert fast._use_kernel()
+    with_kernel = [[c.text for c in o] for o in fast.generate(prompts, params)]
+    assert fast.repacks >= 2
+    monkeypatch.setattr(cpu_kernel, "load", lambda: None)
+    plain = TorchSampler.from_folder(SMALL)
+    assert not plain._use_kernel()
+    without = [[c.text for c in o] for o in plain.generate(prompts, params)]
+    same = sum(a == b for x, y in zip(with_kernel, without) for a, b in zip(x, y))
+    assert same >= 0.99 * 300
+
+
+@needs_kernel
+def test_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    """Built into $PASSUNTIL_CACHE/kernels and reused; PASSUNTIL_NO_KERNEL=1 turns it off."""
+    monkeypatch.setenv("PASSUNTIL_CACHE", str(tmp_path))
+    try:
+        cpu_kernel._build.cache_clear()
+        assert cpu_kernel.load() is not None and cpu_kernel.unavailable() == ""
+        (lib,) = (tmp_path / "kernels").glob("cpu_kernel-*.so")
+        stamp = lib.stat().st_mtime_ns
+        cpu_kernel._build.cache_clear()
+        assert cpu_kernel.load() is not None and lib.stat().st_mtime_ns == stamp
+        monkeypatch.setenv("PASSUNTIL_NO_KERNEL", "1")
+        cpu_kernel._build.cache_clear()
+        assert cpu_kernel.load() is None and "PASSUNTIL_NO_KERNEL" in cpu_kernel.unavailable()
+    finally:
+        monkeypatch.undo()
+        cpu_kernel._build.cache_clear()
