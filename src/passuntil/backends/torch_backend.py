@@ -9,6 +9,9 @@ function (`sampling_distribution`) that the exact pass probability uses too.
 
 Randomness: the draw of sample j at decoding step t is a hash of (seed, first_sample + j, t),
 so a sample does not depend on what else is in the batch.
+
+On a CPU in float32 a decoding step's attention, norms and SiLU run in compiled C kernels
+(cpu_kernel.py); elsewhere, and without a C compiler, in PyTorch. Both compute the same thing.
 """
 
 from __future__ import annotations
@@ -106,9 +109,9 @@ class TorchSampler:
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, dtype: str = "float32", **kw) -> TorchSampler:
-        """A checkpoint folder, run in `dtype`: float32 (the default: faithful to the weights)
-        or bfloat16 (about 10% faster on this repo's AVX512-BF16 CPU, but it moves an instance's
-        pass probability by up to 15%; docs/sampler.md#speed)."""
+        """A checkpoint folder, run in `dtype`: float32 (the default: faithful to the weights,
+        and on a CPU the fastest, with the compiled kernels) or bfloat16 (it moves an
+        instance's pass probability by up to 15%; docs/sampler.md#speed)."""
         if dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
         known = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "name"}
