@@ -35,9 +35,8 @@ def test_decode_attention_equals_one_softmax_over_prefix_and_suffix(d):
     for p in range(P):  # padding is zero, as the sampler pads it
         kp[p, :, plen[p]:] = 0
         vp[p, :, plen[p]:] = 0
-    Mb = -(-M // 16)
-    ks = torch.zeros(Mb, S * R, H, d, 16)
-    vs = torch.zeros(Mb, S * R, H, 16, d)
+    ks = torch.zeros(-(-M // 4), S * R, H, d, 4)
+    vs = torch.zeros(-(-M // 16), S * R, H, 16, d)
     keys, values = [], []  # the reference's suffix: (S*R, H, d) per step
     for step in range(M):
         qkv = torch.randn(S * R, 3 * H * d, generator=g)
@@ -58,7 +57,7 @@ def test_decode_attention_equals_one_softmax_over_prefix_and_suffix(d):
             w = (kk @ q[row, :, :, None] * d**-0.5).softmax(dim=1)  # (H, ctx, 1)
             want = (w * vv).sum(1).reshape(-1)
             assert (out[row] - want).abs().max() < 1e-5, (step, row)
-        assert torch.allclose(ks[step // 16, :, :, :, step % 16], keys[-1], atol=1e-6)  # rounding of RoPE
+        assert torch.allclose(ks[step // 4, :, :, :, step % 4], keys[-1], atol=1e-6)  # rounding of RoPE
         assert torch.equal(vs[step // 16, :, :, step % 16], values[-1])
 
 
@@ -66,7 +65,7 @@ def test_decode_attention_equals_one_softmax_over_prefix_and_suffix(d):
 def test_decode_attention_refuses_inconsistent_tensors():
     args = [torch.zeros(6, 96), torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(1, 2, 16, 16),
             torch.zeros(1, 2, 16, 16), torch.zeros(2, dtype=torch.long), torch.tensor([5]),
-            torch.zeros(1, 6, 2, 16, 16), torch.zeros(1, 6, 2, 16, 16), torch.zeros(6, 32)]
+            torch.zeros(4, 6, 2, 16, 4), torch.zeros(1, 6, 2, 16, 16), torch.zeros(6, 32)]
     cpu_kernel.decode_attention(*args, 0, 0.25)  # consistent: runs
     bad_step = [*args]
     with pytest.raises(ValueError, match="shapes"):

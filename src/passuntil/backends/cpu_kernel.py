@@ -107,19 +107,20 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kp
     """One layer's decoding attention for all rows, written into `out`; writes position `step`
     of the suffix caches. Shapes (S segments of R rows, P prompts, M positions):
     qkv (S*R, 3*H*d); cos, sin (S, d/2); kp_t (P, H, d, T); vp (P, H, T, d); seg_prefix (S,);
-    plen (P,); ks (M/16, S*R, H, d, 16); vs (M/16, S*R, H, 16, d); out (S*R, H*d)."""
+    plen (P,); ks (M/4, S*R, H, d, 4); vs (M/16, S*R, H, 16, d); out (S*R, H*d)."""
     _check((qkv, cos, sin, kp_t, vp, ks, vs, out), (seg_prefix, plen))
-    Mb, rows, H, d, _ = ks.shape
+    Mk, rows, H, d, _ = ks.shape
+    Mv = vs.shape[0]
     S = seg_prefix.shape[0]
     R = rows // S
     P, T = kp_t.shape[0], kp_t.shape[-1]
-    if not (qkv.shape == (S * R, 3 * H * d) and out.shape == (S * R, H * d) and ks.shape[-1] == 16
-            and vs.shape == (Mb, S * R, H, 16, d) and cos.shape == sin.shape == (S, d // 2)
+    if not (qkv.shape == (S * R, 3 * H * d) and out.shape == (S * R, H * d) and ks.shape[-1] == 4
+            and vs.shape == (Mv, S * R, H, 16, d) and cos.shape == sin.shape == (S, d // 2)
             and kp_t.shape == (P, H, d, T) and vp.shape == (P, H, T, d) and plen.shape == (P,)
-            and 0 <= step < 16 * Mb and int(seg_prefix.max()) < P and int(plen.max()) <= T):
+            and 0 <= step < min(4 * Mk, 16 * Mv) and int(seg_prefix.max()) < P and int(plen.max()) <= T):
         raise ValueError("decode_attention: tensors of inconsistent shapes")
     args = [t.data_ptr() for t in (qkv, cos, sin, kp_t, vp, seg_prefix, plen, ks, vs, out)]
-    if load().decode_attention(*args, step, S, R, H, d, T, 16 * Mb, scale, torch.get_num_threads()):
+    if load().decode_attention(*args, step, S, R, H, d, T, min(4 * Mk, 16 * Mv), scale, torch.get_num_threads()):
         raise ValueError("decode_attention: head size and prefix length must be multiples of 16")
 
 

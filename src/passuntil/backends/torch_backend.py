@@ -241,10 +241,10 @@ class TorchSampler:
             # transposed within a block. Each cache has two halves in one buffer that the sampler
             # keeps: a repack gathers the rows from one half into the other, and pages once
             # touched need no new page faults (they cost 10% of the time when allocated anew).
-            Mb, half, numel = -(-max_new // 16), 0, -(-max_new // 16) * B * H * d * 16
+            half, numel = 0, -(-max_new // 16) * B * H * d * 16
             halves = [(buf[:numel], buf[numel:]) for buf in self._suffix_store(2 * len(m.layers), 2 * numel)]
-            Ks = [halves[2 * li][0].view(Mb, B, H, d, 16) for li in range(len(m.layers))]
-            Vs = [halves[2 * li + 1][0].view(Mb, B, H, 16, d) for li in range(len(m.layers))]
+            Ks = [halves[2 * li][0][: -(-max_new // 4) * B * H * d * 4].view(-1, B, H, d, 4) for li in range(len(m.layers))]
+            Vs = [halves[2 * li + 1][0].view(-1, B, H, 16, d) for li in range(len(m.layers))]
         else:
             Ks = [torch.empty(max_new, S, H, R, d, device=dev, dtype=dt) for _ in m.layers]
             Vs = [torch.empty(max_new, S, H, R, d, device=dev, dtype=dt) for _ in m.layers]
@@ -289,7 +289,7 @@ class TorchSampler:
                 keys = keys[src.numpy()]
                 if kernel:
                     half ^= 1
-                    Ks = [_gather_blocks(k, halves[2 * li][half], src, step // 16 + 1) for li, k in enumerate(Ks)]
+                    Ks = [_gather_blocks(k, halves[2 * li][half], src, step // 4 + 1) for li, k in enumerate(Ks)]
                     Vs = [_gather_blocks(v, halves[2 * li + 1][half], src, step // 16 + 1) for li, v in enumerate(Vs)]
                 else:
                     Ks = [_gather_rows(k, src, R, step) for k in Ks]
