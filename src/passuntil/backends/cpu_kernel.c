@@ -6,8 +6,9 @@
  * prompt prefix and to the row's own suffix in one softmax, and write the row's (H * d)
  * attention output. One pass instead of eager PyTorch's dozen kernels. Work item = (segment,
  * head): its prefix keys and values stay in L1 while blocks of RB rows are computed against
- * them as small matrix products held in registers. Needs d % 16 == 0, the prefix length T
- * padded to a multiple of 16 (zero keys and values) and suffix caches in blocks of 16 positions.
+ * them as small matrix products held in registers. Needs d % 16 == 0 and the prefix length T
+ * padded to a multiple of 16 (zero keys and values); a row's suffix keys lie in blocks of 4
+ * positions, transposed within a block, and its values in blocks of 16 (see Args).
  *
  * rms_norm and silu_mul: the rest of a layer's element-wise work, one pass each.
  *

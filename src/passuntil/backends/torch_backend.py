@@ -237,10 +237,11 @@ class TorchSampler:
         final_reason = torch.empty(B, dtype=torch.long)
         # suffix caches, step-major (M, S, H, R, d): a step's keys are one contiguous slab
         if kernel:
-            # The C kernel's: (M/16, rows, H, ...), each row's positions in blocks of 16, keys
-            # transposed within a block. Each cache has two halves in one buffer that the sampler
-            # keeps: a repack gathers the rows from one half into the other, and pages once
-            # touched need no new page faults (they cost 10% of the time when allocated anew).
+            # The C kernel's: (blocks, rows, H, ...), each row's keys in blocks of 4 positions
+            # (transposed within a block), its values in blocks of 16. Each cache has two halves
+            # in one buffer, kept for the whole call: a repack gathers the rows from one half into
+            # the other, and pages once touched need no new page faults (they cost 10% of the
+            # time when every repack allocated fresh caches).
             half, numel = 0, -(-max_new // 16) * B * H * d * 16
             halves = [(buf[:numel], buf[numel:]) for buf in self._suffix_store(2 * len(m.layers), 2 * numel)]
             Ks = [halves[2 * li][0][: -(-max_new // 4) * B * H * d * 4].view(-1, B, H, d, 4) for li in range(len(m.layers))]
@@ -315,7 +316,7 @@ class TorchSampler:
                 and cpu_kernel.load() is not None)
 
     def _suffix_store(self, n: int, numel: int) -> list[torch.Tensor]:
-        """n flat float32 buffers of at least `numel` elements, kept from chunk to chunk."""
+        """n flat float32 buffers of `numel` elements, kept from chunk to chunk of one call."""
         if len(self._store) != n or self._store[0].numel() < numel:
             self._store = []  # free the old ones first
             self._store = [torch.empty(numel) for _ in range(n)]
@@ -490,8 +491,9 @@ def _gather_rows(cache: torch.Tensor, src: torch.Tensor, R: int, step: int) -> t
 
 
 def _gather_blocks(cache: torch.Tensor, buffer: torch.Tensor, src: torch.Tensor, used: int) -> torch.Tensor:
-    """A kernel-layout suffix cache (M/16, rows, ...) rebuilt in `buffer` (flat, not overlapping
-    `cache`) with row i taken from old row src[i]; only the first `used` blocks are copied."""
+    """A kernel-layout suffix cache (blocks, rows, ...) rebuilt in `buffer` (flat, not
+    overlapping `cache`) with row i taken from old row src[i]; only the first `used` blocks are
+    copied."""
     Mb, _, *rest = cache.shape
     out = buffer[: Mb * len(src) * math.prod(rest)].view(Mb, len(src), *rest)
     torch.index_select(cache[:used], 1, src, out=out[:used])
