@@ -67,9 +67,8 @@ def test_decode_attention_refuses_inconsistent_tensors():
             torch.zeros(1, 2, 16, 16), torch.zeros(2, dtype=torch.long), torch.tensor([5]),
             torch.zeros(4, 6, 2, 16, 4), torch.zeros(1, 6, 2, 16, 16), torch.zeros(6, 32)]
     cpu_kernel.decode_attention(*args, 0, 0.25)  # consistent: runs
-    bad_step = [*args]
     with pytest.raises(ValueError, match="shapes"):
-        cpu_kernel.decode_attention(*bad_step, 16, 0.25)  # past the cache
+        cpu_kernel.decode_attention(*args, 16, 0.25)  # past the cache
     with pytest.raises(ValueError, match="contiguous"):
         cpu_kernel.decode_attention(args[0].T, *args[1:], 0, 0.25)
     with pytest.raises(ValueError, match="int64"):
@@ -109,8 +108,8 @@ def test_sampler_draws_the_same_samples_with_and_without_the_kernel(monkeypatch)
 
 @needs_kernel
 def test_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
-    """Built into $PASSUNTIL_CACHE/kernels and reused; PASSUNTIL_NO_KERNEL=1 turns it off."""
-    monkeypatch.setenv("PASSUNTIL_CACHE", str(tmp_path))
+    """Built into $PASSUNTIL_DATA/kernels and reused; PASSUNTIL_NO_KERNEL=1 turns it off."""
+    monkeypatch.setenv("PASSUNTIL_DATA", str(tmp_path))
     try:
         cpu_kernel._build.cache_clear()
         assert cpu_kernel.load() is not None and cpu_kernel.unavailable() == ""

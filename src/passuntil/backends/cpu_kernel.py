@@ -8,8 +8,9 @@ pass per (segment, head), with the shared prompt prefix in L1 for all of the seg
 (docs/sampler.md#speed).
 
 The library is compiled on first use with the system C compiler (`cc -O3 -march=native
--fopenmp`, about a second) into a cache keyed by the source, the compiler and this CPU, so a
-shared home directory never hands one machine's build to another CPU. Loaded after PyTorch, it
+-fopenmp`, about a second) into $PASSUNTIL_DATA/kernels (default ~/.cache/passuntil), keyed by
+the source, the compiler and this CPU, so a shared home directory never hands one machine's
+build to another CPU. Loaded after PyTorch, it
 shares PyTorch's OpenMP runtime and threads. Without a compiler, or with PASSUNTIL_NO_KERNEL=1,
 the sampler runs the same computation in PyTorch; `unavailable()` says why.
 """
@@ -33,10 +34,10 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
 def _cache_dir() -> Path:
-    """$PASSUNTIL_CACHE/kernels, else $XDG_CACHE_HOME (or ~/.cache)/passuntil/kernels."""
-    if os.environ.get("PASSUNTIL_CACHE"):
-        return Path(os.environ["PASSUNTIL_CACHE"]) / "kernels"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "passuntil" / "kernels"
+    """kernels/ in passuntil's data directory ($PASSUNTIL_DATA, default ~/.cache/passuntil)."""
+    from passuntil.tasks.bigbench import data_root
+
+    return data_root() / "kernels"
 
 
 def _cpu_fingerprint() -> str:

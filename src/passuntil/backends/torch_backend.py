@@ -88,7 +88,6 @@ class TorchSampler:
         self._prefix_cache = prefix_cache
         self.row_steps = 0  # rows x decoding steps computed, padding and dead rows included
         self.repacks = 0
-        self._store: list[torch.Tensor] = []  # the C kernel's suffix caches (_generate_chunk)
         # Decoding's weights. Fused projections: one matmul for q|k|v and one for gate|up per
         # layer, each RMSNorm's weight folded into the matmul after it (so a norm is one kernel).
         # Each head's q and k dims are interleaved, the pairs (i, i + d/2) that RoPE rotates side
@@ -158,6 +157,7 @@ class TorchSampler:
         else:
             row_bytes = 2 * cfg.num_hidden_layers * cfg.hidden_size * self.model.embed_tokens.weight.element_size() * max_new
         max_rows = min(self.max_rows, self.cache_bytes // row_bytes)
+        buffers: list[torch.Tensor] = []  # the kernel's suffix caches, reused by every chunk of this call
         by_size: dict[int, list[int]] = {}
         for r, sp in enumerate(params):
             by_size.setdefault(min(32, 1 << (sp.n - 1).bit_length()), []).append(r)
@@ -167,15 +167,14 @@ class TorchSampler:
                 for start in range(0, params[r].n, seg):
                     chunk.append((r, start, min(seg, params[r].n - start)))
                     if (len(chunk) + 1) * seg > max_rows:
-                        self._generate_chunk(chunk, seg, prompts, params, out)
+                        self._generate_chunk(chunk, seg, prompts, params, out, buffers)
                         chunk = []
             if chunk:
-                self._generate_chunk(chunk, seg, prompts, params, out)
-        self._store = []  # not kept between calls: a sampler idle in memory holds no caches
+                self._generate_chunk(chunk, seg, prompts, params, out, buffers)
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _generate_chunk(self, chunk, R, prompts, params, out) -> None:
+    def _generate_chunk(self, chunk, R, prompts, params, out, buffers) -> None:
         """Decode one chunk: S segments of R rows, each segment the samples [start, start+n) of one
         request (rows past n are padding and are discarded).
 
@@ -235,18 +234,17 @@ class TorchSampler:
         final_tokens = torch.empty((B, max_new), dtype=torch.long)
         final_length = torch.empty(B, dtype=torch.long)
         final_reason = torch.empty(B, dtype=torch.long)
-        # suffix caches, step-major (M, S, H, R, d): a step's keys are one contiguous slab
         if kernel:
-            # The C kernel's: (blocks, rows, H, ...), each row's keys in blocks of 4 positions
-            # (transposed within a block), its values in blocks of 16. Each cache has two halves
-            # in one buffer, kept for the whole call: a repack gathers the rows from one half into
-            # the other, and pages once touched need no new page faults (they cost 10% of the
-            # time when every repack allocated fresh caches).
-            half, numel = 0, -(-max_new // 16) * B * H * d * 16
-            halves = [(buf[:numel], buf[numel:]) for buf in self._suffix_store(2 * len(m.layers), 2 * numel)]
-            Ks = [halves[2 * li][0][: -(-max_new // 4) * B * H * d * 4].view(-1, B, H, d, 4) for li in range(len(m.layers))]
+            # The C kernel's suffix caches: (blocks, rows, H, ...), each row's keys in blocks of
+            # 4 positions (transposed within a block), its values in blocks of 16. Each cache has
+            # two halves in one buffer, kept for the whole call: a repack gathers the rows from
+            # one half into the other, and pages once touched need no new page faults (they cost
+            # 10% of the time when every repack allocated fresh caches).
+            half, numel, numel_k = 0, -(-max_new // 16) * B * H * d * 16, -(-max_new // 4) * B * H * d * 4
+            halves = [(buf[:numel], buf[numel:]) for buf in _reuse(buffers, 2 * len(m.layers), 2 * numel)]
+            Ks = [halves[2 * li][0][:numel_k].view(-1, B, H, d, 4) for li in range(len(m.layers))]
             Vs = [halves[2 * li + 1][0].view(-1, B, H, 16, d) for li in range(len(m.layers))]
-        else:
+        else:  # step-major (M, S, H, R, d): a step's keys are one contiguous slab
             Ks = [torch.empty(max_new, S, H, R, d, device=dev, dtype=dt) for _ in m.layers]
             Vs = [torch.empty(max_new, S, H, R, d, device=dev, dtype=dt) for _ in m.layers]
         for step in range(max_new):
@@ -315,17 +313,11 @@ class TorchSampler:
         return (w.device.type == "cpu" and w.dtype == torch.float32 and cfg.head_dim % 16 == 0
                 and cpu_kernel.load() is not None)
 
-    def _suffix_store(self, n: int, numel: int) -> list[torch.Tensor]:
-        """n flat float32 buffers of `numel` elements, kept from chunk to chunk of one call."""
-        if len(self._store) != n or self._store[0].numel() < numel:
-            self._store = []  # free the old ones first
-            self._store = [torch.empty(numel) for _ in range(n)]
-        return [buf[:numel] for buf in self._store]
-
     @staticmethod
     def _segment_prefixes(kernel: bool, seg_prefix, kp_all, vp_all, mask_all, plen_all) -> tuple:
-        """What `_decode_step` attends to: for the C kernel the distinct prefixes and which one
-        each segment reads; for PyTorch a copy of its prefix (and padding mask) per segment."""
+        """What `_decode_step` attends to, (kernel, keys, values, where): for the C kernel the
+        distinct prefixes and where = (the prefix each segment reads, each prefix's length); for
+        PyTorch a copy of its prefix per segment and where = the padding mask."""
         if kernel:
             return True, kp_all, vp_all, (seg_prefix.contiguous(), plen_all)
         on_dev = seg_prefix.to(kp_all[0].device)
@@ -488,6 +480,15 @@ def _gather_rows(cache: torch.Tensor, src: torch.Tensor, R: int, step: int) -> t
     rows = cache[: step + 1, src // R, :, src % R]  # (S_new * R, step + 1, H, d)
     out[: step + 1] = rows.view(S_new, R, step + 1, H, d).permute(2, 0, 3, 1, 4)
     return out
+
+
+def _reuse(buffers: list[torch.Tensor], n: int, numel: int) -> list[torch.Tensor]:
+    """n flat float32 buffers of `numel` elements: those in `buffers` where they are large
+    enough, else new ones (which then replace them)."""
+    if len(buffers) != n or buffers[0].numel() < numel:
+        buffers.clear()  # free the old ones first
+        buffers.extend(torch.empty(numel) for _ in range(n))
+    return [buf[:numel] for buf in buffers]
 
 
 def _gather_blocks(cache: torch.Tensor, buffer: torch.Tensor, src: torch.Tensor, used: int) -> torch.Tensor:
