@@ -35,8 +35,8 @@ def test_decode_attention_equals_one_softmax_over_prefix_and_suffix(d):
     for p in range(P):  # padding is zero, as the sampler pads it
         kp[p, :, plen[p]:] = 0
         vp[p, :, plen[p]:] = 0
-    ks = torch.zeros(-(-M // 4), S * R, H, d, 4)
-    vs = torch.zeros(-(-M // 16), S * R, H, 16, d)
+    ks = torch.zeros(S, H, -(-M // 4), R, d, 4)
+    vs = torch.zeros(S, H, M, R, d)
     keys, values = [], []  # the reference's suffix: (S*R, H, d) per step
     for step in range(M):
         qkv = torch.randn(S * R, 3 * H * d, generator=g)
@@ -57,15 +57,16 @@ def test_decode_attention_equals_one_softmax_over_prefix_and_suffix(d):
             w = (kk @ q[row, :, :, None] * d**-0.5).softmax(dim=1)  # (H, ctx, 1)
             want = (w * vv).sum(1).reshape(-1)
             assert (out[row] - want).abs().max() < 1e-5, (step, row)
-        assert torch.allclose(ks[step // 4, :, :, :, step % 4], keys[-1], atol=1e-6)  # rounding of RoPE
-        assert torch.equal(vs[step // 16, :, :, step % 16], values[-1])
+        rows = lambda c: c.transpose(1, 2).reshape(S * R, H, d)  # noqa: E731  (S, H, R, d) -> (S*R, H, d)
+        assert torch.allclose(rows(ks[:, :, step // 4, ..., step % 4]), keys[-1], atol=1e-6)  # rounding of RoPE
+        assert torch.equal(rows(vs[:, :, step]), values[-1])
 
 
 @needs_kernel
 def test_decode_attention_refuses_inconsistent_tensors():
     args = [torch.zeros(6, 96), torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(1, 2, 16, 16),
             torch.zeros(1, 2, 16, 16), torch.zeros(2, dtype=torch.long), torch.tensor([5]),
-            torch.zeros(4, 6, 2, 16, 4), torch.zeros(1, 6, 2, 16, 16), torch.zeros(6, 32)]
+            torch.zeros(2, 2, 4, 3, 16, 4), torch.zeros(2, 2, 16, 3, 16), torch.zeros(6, 32)]
     cpu_kernel.decode_attention(*args, 0, 0.25)  # consistent: runs
     with pytest.raises(ValueError, match="shapes"):
         cpu_kernel.decode_attention(*args, 16, 0.25)  # past the cache
@@ -123,3 +124,40 @@ def test_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         cpu_kernel._build.cache_clear()
+
+
+@needs_kernel
+def test_gather_rows_moves_whole_rows_of_the_suffix_caches():
+    """Repacking: new row i is old row src[i] in every head and used block; padding rows (-1) and
+    blocks past `used` are left as they were."""
+    g = torch.Generator().manual_seed(3)
+    S, H, Mb, R, X = 3, 2, 5, 4, 16
+    cache = torch.randn(S, H, Mb, R, X, generator=g)
+    src = torch.tensor([5, 0, -1, 11, 2, 7, 3, -1])  # two new segments
+    out = torch.full((2, H, Mb, R, X), 7.0)
+    cpu_kernel.gather_rows(cache, out, src, 3)
+    rows = lambda t: t.permute(0, 3, 1, 2, 4).reshape(-1, H, Mb, X)  # noqa: E731  (rows, H, blocks, X)
+    new, old = rows(out), rows(cache)
+    for i, j in enumerate(src.tolist()):
+        assert torch.equal(new[i, :, :3], old[j, :, :3] if j >= 0 else torch.full((H, 3, X), 7.0))
+    assert (new[:, :, 3:] == 7.0).all()
+    with pytest.raises(ValueError, match="shapes"):
+        cpu_kernel.gather_rows(cache, out, torch.tensor([12, 0, 0, 0, 0, 0, 0, 0]), 3)  # no row 12
+
+
+@needs_kernel
+def test_whole_step_in_one_call_equals_the_layer_by_layer_step(monkeypatch):
+    """The decoding step in one C call (matmuls in PyTorch's sgemm) draws what the step run
+    layer by layer from Python draws, through repacks and rebuilt plans."""
+    if cpu_kernel.blas_sgemm() is None:
+        pytest.skip("this PyTorch exports no sgemm")
+    prompts = ["def f(x):\n", "reverse: hqt -> ", "12+5="]
+    params = [SamplingParams(n=150, seed=4, stop=("\n\n",), max_tokens=40),
+              SamplingParams(n=100, seed=5, stop=("\n",), max_tokens=30),
+              SamplingParams(n=50, seed=6, stop=("\n",), max_tokens=6, temperature=0.8)]
+    fused = TorchSampler.from_folder(SMALL)
+    one_call = [[c.text for c in o] for o in fused.generate(prompts, params)]
+    assert fused.repacks >= 2
+    monkeypatch.setattr(cpu_kernel, "blas_sgemm", lambda: None)
+    by_layer = [[c.text for c in o] for o in TorchSampler.from_folder(SMALL).generate(prompts, params)]
+    assert sum(a == b for x, y in zip(one_call, by_layer) for a, b in zip(x, y)) >= 0.99 * 300

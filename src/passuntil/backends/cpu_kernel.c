@@ -36,11 +36,11 @@ typedef struct {
     const float *vp;       /* (P, H, T, d): prefix values */
     const int64_t *seg_prefix; /* (S,): prefix of each segment */
     const int64_t *plen;   /* (P,): length of each prefix (<= T) */
-    float *KsT;            /* (M/4, S*R, H, d, 4): suffix keys in blocks of 4 positions, each
+    float *KsT;            /* (S, H, M/4, R, d, 4): suffix keys in blocks of 4 positions, each
                               block transposed; position `step` is written here */
-    float *Vs;             /* (M/16, S*R, H, 16, d): suffix values in blocks of 16 positions */
+    float *Vs;             /* (S, H, M, R, d): suffix values */
     float *out;            /* (S*R, H*d) */
-    int64_t step, S, R, H, d, T;
+    int64_t step, S, R, H, d, T, M;
     float scale;
     int64_t begin, end;    /* this thread's (segment, head) items */
 } Args;
@@ -81,35 +81,37 @@ static inline void rotate(float *dst, const float *src, const float *cs, const f
 }
 
 static inline __attribute__((always_inline)) void run_item(const Args *a, int64_t item, const int64_t nv) {
-    const int64_t S = a->S, R = a->R, H = a->H, T = a->T, step = a->step, d = nv * 16;
+    const int64_t R = a->R, H = a->H, T = a->T, step = a->step, d = nv * 16;
     const int64_t s = item / H, h = item % H;
     const int64_t p = a->seg_prefix[s], tp = a->plen[p], tb = (tp + 15) / 16 * 16;
     const int64_t width = tb + (step + 1 + 15) / 16 * 16;  /* scores: prefix blocks, then suffix */
     const float *KT = a->kpT + (p * H + h) * d * T, *V = a->vp + (p * H + h) * T * d;
     const float *cs = a->cosv + s * (d / 2), *sn = a->sinv + s * (d / 2);
-    const int64_t block = S * H * R * d * 16;  /* floats per 16 positions of the suffix values */
-    const int64_t kblock = S * H * R * d * 4;  /* floats per 4 positions of the suffix keys */
+    /* this item's suffix caches: every row's keys for 4 positions, then the next 4 (values: 1) */
+    float *Kitem = a->KsT + (s * H + h) * ((a->M + 3) / 4) * R * d * 4, *Vitem = a->Vs + (s * H + h) * a->M * R * d;
+    const int64_t kblock = R * d * 4, vpos = R * d;  /* floats per 4 key positions, per value position */
     float q[RB][d], sc[RB][width];
     for (int64_t r0 = 0; r0 < R; r0 += RB) {
         int64_t rows[RB];  /* rows past R repeat the last row: same values, written twice */
         for (int b = 0; b < RB; b++) rows[b] = r0 + b < R ? r0 + b : R - 1;
-        const float *KsT[RB];  /* each row's own first (d, 4) block of suffix keys */
+        const float *KsT[RB], *Vrow[RB];  /* each row's own first (d, 4) key block and value */
         for (int b = 0; b < RB; b++) {
             const float *qs = a->qkv + (s * R + rows[b]) * 3 * H * d + h * d;
-            float k[d], *kst = a->KsT + ((s * R + rows[b]) * H + h) * d * 4;
+            float k[d], *kst = Kitem + rows[b] * d * 4;
             rotate(q[b], qs, cs, sn, d, a->scale);
             rotate(k, qs + H * d, cs, sn, d, 1.0f);
             for (int64_t j = 0; j < d; j++) kst[step / 4 * kblock + j * 4 + step % 4] = k[j];
-            memcpy(a->Vs + step / 16 * block + ((s * R + rows[b]) * H + h) * 16 * d + step % 16 * d, qs + 2 * H * d,
-                   d * sizeof(float));
+            memcpy(Vitem + step * vpos + rows[b] * d, qs + 2 * H * d, d * sizeof(float));
             KsT[b] = kst;
+            Vrow[b] = Vitem + rows[b] * d;
         }
-        for (int b = 0; b < RB; b++) {  /* start the suffix reads now: they come from memory, and
-                                           the prefix work below hides the wait (35% faster at step 30) */
-            const float *vrow = a->Vs + ((s * R + rows[b]) * H + h) * 16 * d;
-            for (int64_t i = 0; i <= step; i++) __builtin_prefetch(vrow + i / 16 * block + i % 16 * d, 0, 3);
+        {  /* start the suffix reads now: they come from memory, and the prefix work below hides
+              the wait. The block's rows are adjacent: one run of memory per position block. */
+            const int64_t nb = r0 + RB <= R ? RB : R - r0;
             for (int64_t i = 0; i <= step; i += 4)
-                for (int64_t j = 0; j < d; j += 4) __builtin_prefetch(KsT[b] + i / 4 * kblock + j * 4, 0, 3);
+                for (int64_t j = 0; j < nb * d * 4; j += 16) __builtin_prefetch(KsT[0] + i / 4 * kblock + j, 0, 3);
+            for (int64_t i = 0; i <= step; i++)
+                for (int64_t j = 0; j < nb * d; j += 16) __builtin_prefetch(Vrow[0] + i * vpos + j, 0, 3);
         }
         /* prefix scores: (RB x d) . (d x 16 keys) per block, RB accumulators in registers */
         for (int64_t t = 0; t < tb; t += 16) {
@@ -121,12 +123,15 @@ static inline __attribute__((always_inline)) void run_item(const Args *a, int64_
             }
             for (int b = 0; b < RB; b++) store(&sc[b][t], acc[b]);
         }
-        for (int b = 0; b < RB; b++) {  /* the row's own suffix, 4 positions at a time */
-            for (int64_t i = 0; i <= step; i += 4) {
-                v4 acc = {0};
-                for (int64_t j = 0; j < d; j++) acc += q[b][j] * *(const v4u *)(KsT[b] + i / 4 * kblock + j * 4);
-                memcpy(&sc[b][tb + i], &acc, sizeof acc);
-            }
+        for (int64_t i = 0; i <= step; i += 4) {  /* each row's own suffix, 4 positions at a time;
+                                                     RB independent sums in flight */
+            v4 acc[RB];
+            for (int b = 0; b < RB; b++) acc[b] = (v4){0};
+            for (int64_t j = 0; j < d; j++)
+                for (int b = 0; b < RB; b++) acc[b] += q[b][j] * *(const v4u *)(KsT[b] + i / 4 * kblock + j * 4);
+            for (int b = 0; b < RB; b++) memcpy(&sc[b][tb + i], &acc[b], sizeof acc[b]);
+        }
+        for (int b = 0; b < RB; b++) {
             for (int64_t t = tp; t < tb; t++) sc[b][t] = -INFINITY;
             for (int64_t t = tb + step + 1; t < width; t++) sc[b][t] = -INFINITY;
         }
@@ -152,12 +157,10 @@ static inline __attribute__((always_inline)) void run_item(const Args *a, int64_
                 const v16 val = load(V + t * d + 16 * v);
                 for (int b = 0; b < RB; b++) o[b] += sc[b][t] * val;
             }
-            for (int b = 0; b < RB; b++) {
-                for (int64_t i = 0; i <= step; i++)
-                    o[b] += sc[b][tb + i] * load(a->Vs + i / 16 * block + ((s * R + rows[b]) * H + h) * 16 * d
-                                                 + i % 16 * d + 16 * v);
-                store(a->out + (s * R + rows[b]) * H * d + h * d + 16 * v, o[b] * inv[b]);
-            }
+            for (int64_t i = 0; i <= step; i++)
+                for (int b = 0; b < RB; b++)
+                    o[b] += sc[b][tb + i] * load(Vrow[b] + i * vpos + 16 * v);
+            for (int b = 0; b < RB; b++) store(a->out + (s * R + rows[b]) * H * d + h * d + 16 * v, o[b] * inv[b]);
         }
     }
 }
@@ -180,7 +183,7 @@ int decode_attention(const float *qkv, const float *cosv, const float *sinv, con
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < threads; i++) {
         Args args = {qkv, cosv, sinv, kpT, vp, seg_prefix, plen, KsT, Vs, out,
-                     step, S, R, H, d, T, scale, items * i / threads, items * (i + 1) / threads};
+                     step, S, R, H, d, T, M, scale, items * i / threads, items * (i + 1) / threads};
         run_range(&args);
     }
     return 0;
@@ -225,5 +228,65 @@ int silu_mul(const float *gu, float *out, int64_t n, int64_t F, int64_t threads)
         for (; j + 16 <= F; j += 16) store(oi + j, silu(load(g + j)) * load(u + j));
         for (; j < F; j++) oi[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
     }
+    return 0;
+}
+
+
+/* Repacking the suffix caches: dst (n/R, H, Mb, R, X) row i = src (S, H, Mb, R, X) row
+   src_rows[i] (rows numbered segment-major; -1: a padding row, left as is), for the first
+   `used` blocks. */
+int gather_rows(const float *src, float *dst, const int64_t *src_rows, int64_t n, int64_t R, int64_t H,
+                int64_t Mb, int64_t X, int64_t used, int64_t threads) {
+    threads = threads < 1 ? 1 : threads;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < n; i++) {
+        if (src_rows[i] < 0) continue;
+        const int64_t so = src_rows[i] / R, ro = src_rows[i] % R, sn = i / R, rn = i % R;
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t b = 0; b < used; b++)
+                memcpy(dst + (((sn * H + h) * Mb + b) * R + rn) * X, src + (((so * H + h) * Mb + b) * R + ro) * X,
+                       X * sizeof(float));
+    }
+    return 0;
+}
+
+/* A whole decoding step of a Llama-style model with SiLU gates, all layers and the LM head, in
+   one call: what eager PyTorch does in ~60 calls per step, each with its own Python and dispatch
+   overhead. Matrix products go to `gemm`, the BLAS sgemm (column-major, Fortran calling
+   convention) that PyTorch's CPU wheel exports from MKL. Weights are (out, in) row-major, as
+   PyTorch stores them; per layer w[4 * l + 0..3] = q|k|v (3C, C), o (C, C), gate|up (2F, C),
+   down (C, F); ks[l], vs[l], kp[l], vp[l] that layer's caches (see decode_attention). x (n, C) is
+   the residual stream, updated in place; the other buffers are scratch; logits (n, V). */
+typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *, const float *,
+                        const float *, const int *, const float *, const int *, const float *, float *, const int *);
+
+/* y (n, N) = x (n, K) . w^T + beta * y, for w (N, K) row-major */
+static void linear(sgemm_t gemm, const float *x, const float *w, float *y, int64_t n, int64_t N, int64_t K, float beta) {
+    const int m_ = (int)N, n_ = (int)n, k_ = (int)K;
+    const float one = 1.0f;
+    gemm("T", "N", &m_, &n_, &k_, &one, w, &k_, x, &k_, &beta, y, &m_);
+}
+
+int decode_step(void *gemm_fn, int64_t L, const int64_t *w, const float *head, float *x, float *norm, float *qkv,
+                float *att, float *gu, float *act, float *logits, int64_t n, int64_t C, int64_t F, int64_t V, float eps,
+                const float *cosv, const float *sinv, const int64_t *kp, const int64_t *vp, const int64_t *seg_prefix,
+                const int64_t *plen, const int64_t *ks, const int64_t *vs, int64_t step, int64_t S, int64_t R,
+                int64_t H, int64_t d, int64_t T, int64_t M, float scale, int64_t threads) {
+    sgemm_t gemm = (sgemm_t)gemm_fn;
+    if (S * R != n || H * d != C) return 1;
+    for (int64_t l = 0; l < L; l++) {
+        rms_norm(x, norm, n, C, eps, threads);
+        linear(gemm, norm, (const float *)w[4 * l], qkv, n, 3 * C, C, 0.0f);
+        if (decode_attention(qkv, cosv, sinv, (const float *)kp[l], (const float *)vp[l], seg_prefix, plen,
+                             (float *)ks[l], (float *)vs[l], att, step, S, R, H, d, T, M, scale, threads))
+            return 1;
+        linear(gemm, att, (const float *)w[4 * l + 1], x, n, C, C, 1.0f);
+        rms_norm(x, norm, n, C, eps, threads);
+        linear(gemm, norm, (const float *)w[4 * l + 2], gu, n, 2 * F, C, 0.0f);
+        silu_mul(gu, act, n, F, threads);
+        linear(gemm, act, (const float *)w[4 * l + 3], x, n, C, F, 1.0f);
+    }
+    rms_norm(x, norm, n, C, eps, threads);
+    linear(gemm, norm, head, logits, n, V, C, 0.0f);
     return 0;
 }

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -79,7 +80,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     for name, args in (("decode_attention", [ptr] * 10 + [i64] * 7 + [f32, i64]),
                        ("rms_norm", [ptr, ptr, i64, i64, f32, i64]),
-                       ("silu_mul", [ptr, ptr, i64, i64, i64])):
+                       ("silu_mul", [ptr, ptr, i64, i64, i64]),
+                       ("gather_rows", [ptr, ptr, ptr] + [i64] * 7),
+                       ("decode_step", [ptr, i64, ptr] + [ptr] * 8 + [i64] * 4 + [f32] + [ptr] * 8 + [i64] * 7
+                        + [f32, i64])):
         getattr(dll, name).restype = ctypes.c_int
         getattr(dll, name).argtypes = args
     return dll, ""
@@ -102,41 +106,124 @@ def _check(f32: tuple[torch.Tensor, ...], i64: tuple[torch.Tensor, ...] = ()) ->
             raise ValueError(f"cpu_kernel: expected contiguous CPU {dt} tensors")
 
 
+def _check_attention(qkv, cos, sin, kp_t, vp, seg_prefix, plen, ks, vs, out, step: int) -> tuple[int, ...]:
+    """decode_attention's arguments are consistent (see there): (S, R, H, d, T, M)."""
+    _check((qkv, cos, sin, kp_t, vp, ks, vs, out), (seg_prefix, plen))
+    S, H, M, R, d = vs.shape
+    P, T = kp_t.shape[0], kp_t.shape[-1]
+    if not (qkv.shape == (S * R, 3 * H * d) and out.shape == (S * R, H * d)
+            and ks.shape == (S, H, -(-M // 4), R, d, 4) and seg_prefix.shape == (S,)
+            and cos.shape == sin.shape == (S, d // 2) and kp_t.shape == (P, H, d, T) and vp.shape == (P, H, T, d)
+            and plen.shape == (P,) and 0 <= step < M and int(seg_prefix.min()) >= 0 and int(seg_prefix.max()) < P
+            and int(plen.max()) <= T):
+        raise ValueError("decode_attention: tensors of inconsistent shapes")
+    return S, R, H, d, T, M
+
+
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kp_t: torch.Tensor,
                      vp: torch.Tensor, seg_prefix: torch.Tensor, plen: torch.Tensor, ks: torch.Tensor,
                      vs: torch.Tensor, out: torch.Tensor, step: int, scale: float) -> None:
     """One layer's decoding attention for all rows, written into `out`; writes position `step`
     of the suffix caches. Shapes (S segments of R rows, P prompts, M positions):
     qkv (S*R, 3*H*d); cos, sin (S, d/2); kp_t (P, H, d, T); vp (P, H, T, d); seg_prefix (S,);
-    plen (P,); ks (M/4, S*R, H, d, 4); vs (M/16, S*R, H, 16, d); out (S*R, H*d)."""
-    _check((qkv, cos, sin, kp_t, vp, ks, vs, out), (seg_prefix, plen))
-    Mk, rows, H, d, _ = ks.shape
-    Mv = vs.shape[0]
-    S = seg_prefix.shape[0]
-    R = rows // S
-    P, T = kp_t.shape[0], kp_t.shape[-1]
-    if not (qkv.shape == (S * R, 3 * H * d) and out.shape == (S * R, H * d) and ks.shape[-1] == 4
-            and vs.shape == (Mv, S * R, H, 16, d) and cos.shape == sin.shape == (S, d // 2)
-            and kp_t.shape == (P, H, d, T) and vp.shape == (P, H, T, d) and plen.shape == (P,)
-            and 0 <= step < min(4 * Mk, 16 * Mv) and int(seg_prefix.max()) < P and int(plen.max()) <= T):
-        raise ValueError("decode_attention: tensors of inconsistent shapes")
+    plen (P,); ks (S, H, ceil(M/4), R, d, 4); vs (S, H, M, R, d); out (S*R, H*d)."""
+    S, R, H, d, T, M = _check_attention(qkv, cos, sin, kp_t, vp, seg_prefix, plen, ks, vs, out, step)
     args = [t.data_ptr() for t in (qkv, cos, sin, kp_t, vp, seg_prefix, plen, ks, vs, out)]
-    if load().decode_attention(*args, step, S, R, H, d, T, min(4 * Mk, 16 * Mv), scale, torch.get_num_threads()):
+    if load().decode_attention(*args, step, S, R, H, d, T, M, scale, torch.get_num_threads()):
         raise ValueError("decode_attention: head size and prefix length must be multiples of 16")
 
 
-def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) per row of a float32 (n, C) tensor, without a weight."""
-    _check((x,))
-    out = torch.empty_like(x)
+@functools.cache
+def blas_sgemm() -> int | None:
+    """The address of the BLAS `sgemm_` that PyTorch's CPU library exports (MKL in the x86-64
+    wheels), or None where it has none."""
+    try:
+        return ctypes.cast(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).sgemm_,
+                           ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+class DecodePlan:
+    """A decoding step in one C call (`decode_step`: every layer and the LM head, matmuls in
+    PyTorch's sgemm) for one layout of a chunk: n rows in S segments, with these caches,
+    prefixes and scratch buffers, all checked here once; `step` then checks only its inputs.
+    Needs `blas_sgemm()` and a SiLU-gated model."""
+
+    def __init__(self, layers: list[tuple[torch.Tensor, ...]], head: torch.Tensor, eps: float, prefix: tuple,
+                 ks: list[torch.Tensor], vs: list[torch.Tensor], buffers: dict[str, torch.Tensor], scale: float):
+        kp, vp, seg_prefix, plen = prefix
+        n, C = buffers["norm"].shape
+        V, F = head.shape[0], layers[0][3].shape[1]
+        S, H, M, R, d = vs[0].shape
+        qkv = torch.empty(n, 3 * C)
+        for li, (w_qkv, w_o, w_gate_up, w_down) in enumerate(layers):  # the attention's own check, once
+            _check((w_qkv, w_o, w_gate_up, w_down))
+            if not (w_qkv.shape == (3 * C, C) and w_o.shape == (C, C) and w_gate_up.shape == (2 * F, C)
+                    and w_down.shape == (C, F)):
+                raise ValueError("DecodePlan: weights of inconsistent shapes")
+            _check_attention(qkv, torch.empty(S, d // 2), torch.empty(S, d // 2), kp[li], vp[li], seg_prefix, plen,
+                             ks[li], vs[li], torch.empty(n, C), 0)
+        expect = {"norm": (n, C), "qkv": (n, 3 * C), "attention": (n, C), "gate_up": (n, 2 * F), "act": (n, F),
+                  "logits": (n, V)}
+        _check((head, *buffers.values()))
+        if head.shape != (V, C) or any(buffers[k].shape != shape for k, shape in expect.items()) or n != S * R:
+            raise ValueError("DecodePlan: buffers of inconsistent shapes")
+        ptrs = lambda ts: (ctypes.c_int64 * len(ts))(*(t.data_ptr() for t in ts))  # noqa: E731
+        self._keep = (layers, head, prefix, ks, vs, buffers)  # the memory the pointers point into
+        self.logits = buffers["logits"]
+        self.n, self.C, self.S, self.d, self.M = n, C, S, d, M
+        self._args = (len(layers), ptrs([w for layer in layers for w in layer]), head.data_ptr(),
+                      *(buffers[k].data_ptr() for k in ("norm", "qkv", "attention", "gate_up", "act", "logits")),
+                      n, C, F, V, eps)
+        self._attention = (ptrs(kp), ptrs(vp), seg_prefix.data_ptr(), plen.data_ptr(), ptrs(ks), ptrs(vs))
+        self._shape = (S, R, H, d, kp[0].shape[-1], M, scale)
+
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: int) -> torch.Tensor:
+        """One decoding step from the residual stream x (n, C), updated in place; the logits."""
+        _check((x, cos, sin))
+        if x.shape != (self.n, self.C) or not cos.shape == sin.shape == (self.S, self.d // 2) or not 0 <= step < self.M:
+            raise ValueError("DecodePlan.step: inputs of inconsistent shapes")
+        lib = load()
+        if lib.decode_step(blas_sgemm(), self._args[0], self._args[1], self._args[2], x.data_ptr(), *self._args[3:],
+                           cos.data_ptr(), sin.data_ptr(), *self._attention, step, *self._shape,
+                           torch.get_num_threads()):
+            raise ValueError("DecodePlan.step: inconsistent shapes")
+        return self.logits
+
+
+def gather_rows(cache: torch.Tensor, out: torch.Tensor, src: torch.Tensor, used: int) -> torch.Tensor:
+    """A suffix cache in the kernel's layout, (S, H, blocks, R, ...), rebuilt in `out` (S', H,
+    blocks, R, ...; not overlapping `cache`): row i (rows numbered segment-major) is old row
+    src[i], -1 a padding row (left as is); only the first `used` blocks are copied."""
+    _check((cache, out), (src,))
+    S, H, Mb, R, *rest = cache.shape
+    if not (out.shape[1:] == cache.shape[1:] and src.shape == (out.shape[0] * R,) and 0 <= used <= Mb
+            and (len(src) == 0 or int(src.max()) < S * R)):
+        raise ValueError("gather_rows: tensors of inconsistent shapes")
+    load().gather_rows(cache.data_ptr(), out.data_ptr(), src.data_ptr(), len(src), R, H, Mb, math.prod(rest), used,
+                       torch.get_num_threads())
+    return out
+
+
+def rms_norm(x: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) per row of a float32 (n, C) tensor, without a weight; into
+    `out` (n, C) where given."""
+    out = torch.empty_like(x) if out is None else out
+    _check((x, out))
+    if out.shape != x.shape:
+        raise ValueError("rms_norm: out must have the shape of x")
     load().rms_norm(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps, torch.get_num_threads())
     return out
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up for each row of a float32 (n, 2F) gate|up projection: (n, F)."""
-    _check((gate_up,))
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(gate) * up for each row of a float32 (n, 2F) gate|up projection: (n, F), into `out`
+    where given."""
     n, f2 = gate_up.shape
-    out = torch.empty(n, f2 // 2)
+    out = torch.empty(n, f2 // 2) if out is None else out
+    _check((gate_up, out))
+    if out.shape != (n, f2 // 2):
+        raise ValueError("silu_mul: out must be (n, F)")
     load().silu_mul(gate_up.data_ptr(), out.data_ptr(), n, f2 // 2, torch.get_num_threads())
     return out
