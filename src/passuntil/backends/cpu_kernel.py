@@ -1,5 +1,6 @@
-"""The built-in sampler's compiled CPU kernels (cpu_kernel.c): decoding attention, RMSNorm and
-SiLU-times-up, each one pass over its data.
+"""The built-in sampler's compiled CPU kernels (cpu_kernel.c): decoding attention, RMSNorm,
+SiLU-times-up and the repack's row moves, each one pass over its data; and a whole decoding step
+in one call (`DecodePlan`), its matrix products in the BLAS sgemm that PyTorch exports.
 
 Eager PyTorch spent more than half of a small model's decoding step outside its matrix
 multiplies: a dozen memory-bound kernels per layer for RoPE, cache writes, prefix and suffix
