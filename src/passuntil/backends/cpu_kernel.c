@@ -7,10 +7,13 @@
  * attention output. One pass instead of eager PyTorch's dozen kernels. Work item = (segment,
  * head): its prefix keys and values stay in L1 while blocks of RB rows are computed against
  * them as small matrix products held in registers. Needs d % 16 == 0 and the prefix length T
- * padded to a multiple of 16 (zero keys and values); a row's suffix keys lie in blocks of 4
- * positions, transposed within a block, and its values in blocks of 16 (see Args).
+ * padded to a multiple of 16 (zero keys and values). The suffix caches are laid out per
+ * (segment, head): the keys of all its rows for 4 positions (each row's block transposed), then
+ * the next 4; the values one position at a time (see Args).
  *
- * rms_norm and silu_mul: the rest of a layer's element-wise work, one pass each.
+ * rms_norm and silu_mul: the rest of a layer's element-wise work, one pass each. gather_rows:
+ * the rows' moves when the sampler repacks its suffix caches. decode_step: a whole decoding step,
+ * all of the above per layer with the matrix products in the BLAS sgemm PyTorch exports.
  *
  * Written with GCC/Clang vector extensions (16 floats), so it compiles to AVX-512, AVX2 or NEON.
  * Each function splits its work over OpenMP threads; loaded after PyTorch, this library shares

@@ -153,6 +153,9 @@ class DecodePlan:
 
     def __init__(self, layers: list[tuple[torch.Tensor, ...]], head: torch.Tensor, eps: float, prefix: tuple,
                  ks: list[torch.Tensor], vs: list[torch.Tensor], buffers: dict[str, torch.Tensor], scale: float):
+        self._gemm = blas_sgemm()
+        if self._gemm is None:
+            raise ValueError("DecodePlan: this PyTorch exports no sgemm")
         kp, vp, seg_prefix, plen = prefix
         n, C = buffers["norm"].shape
         V, F = head.shape[0], layers[0][3].shape[1]
@@ -185,10 +188,8 @@ class DecodePlan:
         _check((x, cos, sin))
         if x.shape != (self.n, self.C) or not cos.shape == sin.shape == (self.S, self.d // 2) or not 0 <= step < self.M:
             raise ValueError("DecodePlan.step: inputs of inconsistent shapes")
-        lib = load()
-        if lib.decode_step(blas_sgemm(), self._args[0], self._args[1], self._args[2], x.data_ptr(), *self._args[3:],
-                           cos.data_ptr(), sin.data_ptr(), *self._attention, step, *self._shape,
-                           torch.get_num_threads()):
+        if load().decode_step(self._gemm, *self._args[:3], x.data_ptr(), *self._args[3:], cos.data_ptr(),
+                              sin.data_ptr(), *self._attention, step, *self._shape, torch.get_num_threads()):
             raise ValueError("DecodePlan.step: inconsistent shapes")
         return self.logits
 
