@@ -158,6 +158,8 @@ def test_whole_step_in_one_call_equals_the_layer_by_layer_step(monkeypatch):
     fused = TorchSampler.from_folder(SMALL)
     one_call = [[c.text for c in o] for o in fused.generate(prompts, params)]
     assert fused.repacks >= 2
+    again = [[c.text for c in o] for o in fused.generate(prompts, params)]  # in the buffers the first call kept
+    assert again == one_call
     monkeypatch.setattr(cpu_kernel, "blas_sgemm", lambda: None)
     by_layer = [[c.text for c in o] for o in TorchSampler.from_folder(SMALL).generate(prompts, params)]
     assert sum(a == b for x, y in zip(one_call, by_layer) for a, b in zip(x, y)) >= 0.99 * 300
