@@ -1,170 +1,17 @@
-"""The `passuntil` command line: thin wiring over the library.
-
-    passuntil eval --task sim-scaling --series sim --store runs.sqlite --k 2 --max-samples 10000
-    passuntil show runs.sqlite
-    passuntil export runs.sqlite --out results.parquet
-    passuntil demo
-
-Every error a user can cause prints one line (`error: ...`) and exits with status 2.
-"""
+"""Commands that analyse a stored run: fit, forecast, score-forecast, backtest, emergence, plan,
+metrics, report."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
-from passuntil import __version__
+from passuntil.cli.common import cli, console, open_store, pick_run, task_counts
 from passuntil.errors import UserError
-
-console = Console(width=None if sys.stdout.isatty() else 160)  # no truncation in pipes and logs
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="passuntil")
-def cli() -> None:
-    """Predict the task performance of language models across scale (PassUntil)."""
-
-
-def _open_store(path: str, *, create: bool):
-    from passuntil.store import Store
-
-    return Store(path, create=create)
-
-
-@cli.command("eval")
-@click.option("--task", "tasks", multiple=True, help="Task name (repeat for several).")
-@click.option("--series", default=None, help="Built-in series (tiny, sim) or a series file [tiny; sim for sim-* tasks].")
-@click.option("--model", "models", multiple=True, help="Only these models of the series.")
-@click.option("--store", "store_path", default="runs/passuntil.sqlite", show_default=True,
-              help="Run store (SQLite file).")
-@click.option("--run", "run_id", default="main", show_default=True, help="Run name inside the store.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run exactly as it was started.")
-@click.option("--k", "k_target", type=int, default=None, help="Stop an instance at K passes [1].")
-@click.option("--max-samples", type=int, default=None, help="Budget of samples per instance [10000].")
-@click.option("--batch-size", type=int, default=None, help="Samples per round across instances [1024].")
-@click.option("--seed", type=int, default=None, help="Base seed [0].")
-@click.option("--temperature", type=float, default=None, help="Sampling temperature [1.0].")
-@click.option("--top-p", type=float, default=None, help="Nucleus sampling [1.0].")
-@click.option("--top-k", type=int, default=None, help="Top-k sampling, 0 = off [0].")
-@click.option("--check-workers", type=int, default=None, help="Processes for checks, 0 = a thread [0].")
-@click.option("--ray", "ray_address", default=None,
-              help="Shard the work over Ray actors: a cluster address, or 'local'.")
-@click.option("--ray-workers", type=int, default=None, help="Ray actors [one per CPU].")
-def eval_cmd(tasks, series, models, store_path, run_id, resume, ray_address, ray_workers, **engine):
-    """Run PassUntil for tasks x models into a run store."""
-    from passuntil.evaluate import resolve_config, run_with_progress
-
-    Path(store_path).parent.mkdir(parents=True, exist_ok=True)
-    store = _open_store(store_path, create=not resume)
-    config = resolve_config(store, run_id, resume=resume, series=series, models=models,
-                            tasks=tasks, engine_overrides=engine)
-    results, samples = run_with_progress(store, run_id, config, ray=ray_address,
-                                         ray_workers=ray_workers)
-    done = sum(r.stopped == "k_passes" for r in results)
-    click.echo(f"run {run_id} in {store_path}: {len(results)} instance results, "
-               f"{done} reached K passes, {samples:,} samples drawn this session")
-
-
-@cli.command()
-@click.argument("store_path")
-@click.option("--run", "run_id", default=None, help="Run name [the only or latest run].")
-@click.option("--instances", is_flag=True, help="One row per instance instead of per model x task.")
-@click.option("--confidence", type=float, default=0.95, show_default=True)
-def show(store_path, run_id, instances, confidence):
-    """PU with intervals per instance and model."""
-    from passuntil.evaluate import estimates_table, summary_table
-
-    store = _open_store(store_path, create=False)
-    run_id = _pick_run(store, run_id)
-    df = estimates_table(store, run_id, confidence=confidence)
-    if df.empty:
-        raise UserError(f"run {run_id!r} has no results yet")
-    if instances:
-        table = Table(title=f"{run_id}: PassUntil per instance ({confidence:.0%} exact intervals)")
-        for col in ("model", "task", "instance", "passes", "samples", "PU", "interval", "exact p",
-                    "ref loss", "stopped"):
-            table.add_column(col, justify="left" if col in ("model", "task", "instance", "stopped") else "right")
-        for r in df.itertuples():
-            exact = "" if r.exact_p != r.exact_p or r.exact_p is None else f"{r.exact_p:.3g}"
-            loss = "" if not r.ref_tokens or r.ref_tokens != r.ref_tokens else f"{-r.ref_logprob / r.ref_tokens:.3f}"
-            table.add_row(r.model, r.task, r.instance_id, str(r.passes), f"{r.samples:,}", f"{r.pu:.3g}",
-                          f"[{r.ci_low:.2g}, {r.ci_high:.2g}]", exact, loss, r.stopped or "running")
-    else:
-        table = Table(title=f"{run_id}: mean PassUntil over instances (bootstrap SE)")
-        for col in ("model", "N", "task", "non-zero", "mean PU", "SE", "samples", "done"):
-            table.add_column(col, justify="left" if col in ("model", "task") else "right")
-        for r in summary_table(df).itertuples():
-            table.add_row(r.model, f"{r.n_params:.3g}", r.task, f"{r.nonzero}/{r.instances}",
-                          f"{r.mean_pu:.4g}", f"{r.se:.2g}", f"{r.samples:,}", f"{r.done}/{r.instances}")
-    console.print(table)
-
-
-@cli.command()
-@click.argument("store_path")
-@click.option("--out", "out_path", required=True, help="Output file (.csv, .parquet, .json, .jsonl).")
-@click.option("--run", "run_id", default=None, help="Run name [the only or latest run].")
-@click.option("--completions", is_flag=True, help="Export the distinct completions instead.")
-def export(store_path, out_path, run_id, completions):
-    """Export a run's tidy table (one row per model x task x instance)."""
-    from passuntil.evaluate import estimates_table
-
-    store = _open_store(store_path, create=False)
-    run_id = _pick_run(store, run_id)
-    df = store.completions(run_id) if completions else estimates_table(store, run_id)
-    out = Path(out_path)
-    writers = {".csv": lambda: df.to_csv(out, index=False),
-               ".parquet": lambda: df.to_parquet(out, index=False),
-               ".json": lambda: df.to_json(out, orient="records", indent=1),
-               ".jsonl": lambda: df.to_json(out, orient="records", lines=True)}
-    if out.suffix not in writers:
-        raise UserError(f"cannot export to {out.name}: use .csv, .parquet, .json or .jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writers[out.suffix]()
-    click.echo(f"wrote {len(df)} rows to {out}")
-
-
-@cli.command("tasks")
-def tasks_cmd():
-    """List every task with its instance count, check and source."""
-    from passuntil.tasks import get_task, list_tasks
-    from passuntil.tasks.bigbench import available, cache_dir
-
-    table = Table(title="passuntil tasks")
-    for col in ("task", "instances", "check", "source"):
-        table.add_column(col)
-    for name in list_tasks():
-        if name.startswith("bigbench/") and not available():
-            table.add_row(name, "-", "-", f"not fetched: run `passuntil fetch-data` ({cache_dir()})")
-            continue
-        d = get_task(name).describe()
-        table.add_row(name, str(d["instances"]), d["check"], d["source"])
-    console.print(table)
-
-
-@cli.command("fetch-data")
-def fetch_data():
-    """Download the BIG-bench task files (from the bigbench sdist on PyPI) into the data cache."""
-    from passuntil.tasks.bigbench import fetch_bigbench
-
-    fetch_bigbench(log=console.print)
-
-
-@cli.command()
-@click.option("--out", "out_dir", default="passuntil-demo", show_default=True, help="Output folder.")
-@click.option("--quick", is_flag=True, help="Two tasks, small budgets (under 2 minutes).")
-@click.option("--series", type=click.Choice(["tiny", "sim"]), default="tiny", show_default=True,
-              help="The bundled trained series, or the simulated one with known true laws.")
-def demo(out_dir, quick, series):
-    """Run the whole pipeline on the bundled series and print where the report is."""
-    from passuntil.demo import run_demo
-
-    run_demo(Path(out_dir), quick=quick, series=series, console=console)
 
 
 @cli.command()
@@ -178,7 +25,7 @@ def report(store_path, run_ids, forecast_files, out_dir):
     from passuntil.report import load_report_data, write_report
     from passuntil.scaling.forecast import read_forecast, score_forecast
 
-    store = _open_store(store_path, create=False)
+    store = open_store(store_path, create=False)
     runs = list(run_ids) or store.runs()
     if not runs:
         raise UserError(f"{store_path} holds no runs")
@@ -198,46 +45,6 @@ def report(store_path, run_ids, forecast_files, out_dir):
     click.echo(f"report: {page}")
 
 
-def _pick_run(store, run_id):
-    runs = store.runs()
-    if run_id is None:
-        if not runs:
-            raise UserError(f"{store.path} holds no runs")
-        return runs[-1]
-    if run_id not in runs:
-        raise UserError(f"no run {run_id!r} in {store.path} (runs: {', '.join(runs) or 'none'})")
-    return run_id
-
-
-@cli.command("train-series")
-@click.argument("config_path")
-def train_series_cmd(config_path):
-    """Train (or finish training) a model series from a TOML config."""
-    from passuntil.models.train import SeriesConfig, train_series
-
-    cfg = SeriesConfig.load(config_path)
-    metrics = train_series(cfg, console=console)
-    click.echo(f"series {cfg.name!r}: {len(metrics)} models trained in {cfg.out}")
-
-
-def _task_counts(store_path, run_id, task, exclude=()):
-    """SeriesCounts of one task of a run, optionally without some models."""
-    from passuntil.evaluate import estimates_table
-    from passuntil.scaling.data import SeriesCounts
-
-    store = _open_store(store_path, create=False)
-    run_id = _pick_run(store, run_id)
-    df = estimates_table(store, run_id)
-    if task not in set(df["task"]):
-        raise UserError(f"run {run_id!r} has no results for task {task!r} (tasks: {', '.join(sorted(set(df['task'])))})")
-    df = df[(df["task"] == task) & df["done"]]
-    unknown = set(exclude) - set(df["model"])
-    if unknown:
-        raise UserError(f"no model {sorted(unknown)[0]!r} in run {run_id!r}")
-    k = store.run_config(run_id)["engine"]["k_target"]
-    return SeriesCounts.from_table(df[~df["model"].isin(set(exclude))], k_target=k), df
-
-
 @cli.command()
 @click.argument("store_path")
 @click.option("--task", required=True)
@@ -253,7 +60,7 @@ def forecast(store_path, task, run_id, target_model, target_n, method, level, th
     from passuntil.scaling.forecast import make_forecast, write_forecast
 
     exclude = (target_model,) if target_model else ()
-    counts, df = _task_counts(store_path, run_id, task, exclude)
+    counts, df = task_counts(store_path, run_id, task, exclude)
     if target_model:
         target_n = float(df.loc[df["model"] == target_model, "n_params"].iloc[0])
     if not target_n:
@@ -285,7 +92,7 @@ def fit(store_path, task, run_id, models, methods, target_n, level, as_json):
     from passuntil.scaling import fit_loss_law
     from passuntil.scaling.task_law import FITTERS
 
-    counts, df = _task_counts(store_path, run_id, task)
+    counts, df = task_counts(store_path, run_id, task)
     if models:
         missing = set(models) - set(counts.models)
         if missing:
@@ -345,7 +152,7 @@ def score_forecast_cmd(forecast_path, store_path, model, run_id):
     model = model or record["target"]["model"]
     if not model:
         raise UserError("the forecast names no target model; pass --model")
-    _, df = _task_counts(store_path, run_id, record["task"])
+    _, df = task_counts(store_path, run_id, record["task"])
     g = df[df["model"] == model].set_index("instance_id")
     missing = set(record["data"]["instance_ids"]) - set(g.index)
     if missing:
@@ -365,7 +172,7 @@ def backtest_cmd(store_path, task, run_id, method):
     """Hold out the largest size, then each inner size; report errors and coverage."""
     from passuntil.scaling.forecast import backtest
 
-    counts, _ = _task_counts(store_path, run_id, task)
+    counts, _ = task_counts(store_path, run_id, task)
     rows = backtest(counts, method=method)
     table = Table(title=f"{task}: backtest ({method}, 90% intervals)")
     for col in ("held out", "kind", "N", "observed", "forecast", "interval", "covered"):
@@ -384,7 +191,7 @@ def emergence_cmd(store_path, task, run_id):
     """Classify the task's scaling curve (linear / convex / concave / mixed)."""
     from passuntil.emergence import classify
 
-    counts, _ = _task_counts(store_path, run_id, task)
+    counts, _ = task_counts(store_path, run_id, task)
     click.echo(json.dumps(classify(counts).to_dict(), indent=1))
 
 
@@ -405,7 +212,7 @@ def plan(pu_guesses, store_path, task, model, run_id, k_target, max_samples, sam
     if store_path:
         if not task or not model:
             raise UserError("with --store, give --task and --model")
-        _, df = _task_counts(store_path, run_id, task)
+        _, df = task_counts(store_path, run_id, task)
         g = df[df["model"] == model]
         if g.empty:
             raise UserError(f"no finished results for model {model!r}")
@@ -433,8 +240,8 @@ def metrics_cmd(store_path, run_id, scores):
     from passuntil.metrics import metric_table, resolution_floor, sharpness
     from passuntil.tasks import get_task
 
-    store = _open_store(store_path, create=False)
-    run_id = _pick_run(store, run_id)
+    store = open_store(store_path, create=False)
+    run_id = pick_run(store, run_id)
     comps = store.completions(run_id)
     if comps.empty:
         raise UserError(f"run {run_id!r} stored no completions")
@@ -481,20 +288,3 @@ def _score_table(store, run_id):
                         f"{mean['mc_grade']:.3f}", f"{mean['brier']:.3f}")
     console.print(out)
 
-
-def main(argv=None) -> None:
-    """Entry point: run the CLI, turning user errors into one line and exit status 2."""
-    try:
-        cli.main(args=argv, prog_name="passuntil", standalone_mode=False)
-    except UserError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("interrupted; `passuntil eval --resume` continues a run", err=True)
-        sys.exit(130)
-    except click.ClickException as err:
-        click.echo(f"error: {err.format_message()}", err=True)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted; `passuntil eval --resume` continues a run", err=True)
-        sys.exit(130)
