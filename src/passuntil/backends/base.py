@@ -17,6 +17,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
+from passuntil.errors import UserError
+
+
+class ScoringUnavailable(UserError):
+    """The backend cannot score a continuation (e.g. a server without echo + logprobs).
+
+    The run layer catches it, records a note with the run and goes on without reference
+    scores, instead of failing the whole evaluation."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
