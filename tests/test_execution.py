@@ -1,16 +1,22 @@
-"""The code sandbox: HumanEval's canonical solutions pass; hostile completions are contained."""
+"""The code sandbox: correct code passes (HumanEval's canonical solutions, every stdlib module
+imports even with the interpreter under a mode-700 directory), wrong code fails, and without
+isolation code checks are refused unless the user opts in. Hostile completions:
+tests/test_sandbox_hostile.py."""
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import signal
-import time
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 from passuntil.engine import EngineConfig, run_passuntil
-from passuntil.execution import Job, Limits, SandboxPool
+from passuntil.errors import UserError
+from passuntil.execution import MODES, Job, Limits, SandboxPool, isolation_mode
 from passuntil.tasks.humaneval import humaneval
 
 PROMPT = 'def add(x, y):\n    """Return x + y."""\n'
@@ -19,74 +25,14 @@ TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candi
 
 @pytest.fixture(scope="module")
 def pool():
-    p = SandboxPool(2, Limits(timeout_s=3.0, cpu_s=2, mem_bytes=512 << 20))
+    # Benign completions only: runs unisolated too where the machine has no root.
+    p = SandboxPool(2, Limits(timeout_s=3.0, cpu_s=2, mem_bytes=512 << 20), allow_unsafe=True)
     yield p
     p.close()
 
 
 def body(code: str) -> str:
     return "".join("    " + line + "\n" for line in code.strip("\n").splitlines())
-
-
-def hostile_cases(sentinel: str) -> dict[str, str]:
-    """Completions that try to harm the host or fake a pass; every one must fail."""
-    parent = os.getpid()
-    return {
-        "fork_bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
-        "memory_bomb": "a = []\nwhile True:\n    a.append(bytearray(1 << 26))",
-        "disk_filling": "i = 0\nwhile True:\n    open(f'f{i}', 'wb').write(b'x' * (1 << 20))\n    i += 1",
-        "infinite_loop": "while True:\n    pass",
-        "sleep_forever": "import time\ntime.sleep(10 ** 6)",
-        "network": "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=1)\nreturn x + y - 1",
-        "delete_outside": f"import os\nos.remove({sentinel!r})\nreturn 0",
-        "write_outside": f"open({sentinel!r}, 'w').write('pwned')\nreturn 0",
-        "write_project": "open('/work/passuntil-pwned', 'w').write('x')\nreturn 0",
-        "read_secret": "import os\nreturn len(os.environ['PASSUNTIL_TEST_SECRET'])",
-        "signal_parent": f"import os, signal\nos.kill({parent}, signal.SIGKILL)\n"
-                         "os.kill(os.getppid(), signal.SIGKILL)\nreturn 0",
-        "sys_exit_0": "import sys\nsys.exit(0)",
-        "os_exit_0": "import os\nos._exit(0)",
-        "fake_output": "print('passed')\nprint('ALL TESTS PASSED')\nreturn None",
-        "patch_assert": "import builtins\nbuiltins.AssertionError = type('A', (BaseException,), {})\n"
-                        "return None",
-        "patch_builtins": "import builtins\nbuiltins.isinstance = lambda *a: True\n"
-                          "builtins.__import__ = None\nreturn None",
-        "eq_always_true": "class Yes:\n    def __eq__(self, other):\n        return True\nreturn Yes()",
-        "int_subclass_eq": "class Yes(int):\n    def __eq__(self, other):\n        return True\n"
-                           "return Yes(0)",
-        "stdout_flood": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)",
-        "escape_group": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
-                        "return x + y - 1",
-    }
-
-
-def test_hostile_completions_are_contained(pool, tmp_path, monkeypatch):
-    monkeypatch.setenv("PASSUNTIL_TEST_SECRET", "hunter2")
-    sentinel = tmp_path / "sentinel.txt"
-    sentinel.write_text("keep me")
-    free_before = shutil.disk_usage(tmp_path).free
-    cases = hostile_cases(str(sentinel))
-    start = time.monotonic()
-    jobs = [Job(PROMPT + body(code), PROMPT + TEST, "add") for code in cases.values()]
-    verdicts = dict(zip(cases, pool.run_many(jobs)))
-    passed = [name for name, v in verdicts.items() if v.passed]
-    assert passed == [], f"hostile completions counted as passes: {passed}"
-    # The host is unharmed and the pool still checks correctly afterwards.
-    assert sentinel.read_text() == "keep me"
-    assert not os.path.exists("/work/passuntil-pwned")
-    assert shutil.disk_usage(tmp_path).free > free_before - (64 << 20)
-    assert pool.run(Job(PROMPT + body("return x + y"), PROMPT + TEST, "add")).passed
-    assert time.monotonic() - start < 60
-    if pool.isolated:
-        leftover = [p for p in os.listdir("/proc") if p.isdigit() and _uid(p) >= 200_000]
-        assert leftover == [], "sandbox processes outlived their check"
-
-
-def _uid(pid: str) -> int:
-    try:
-        return os.stat(f"/proc/{pid}").st_uid
-    except FileNotFoundError:
-        return -1
 
 
 def test_only_a_real_pass_passes(pool):
@@ -128,7 +74,9 @@ class _ScriptedSampler:
                  for j in range(sp.n)] for sp in params]
 
 
-def test_evaluation_goes_on_through_hostile_completions(tmp_path):
+def test_evaluation_goes_on_through_hostile_completions(tmp_path, pool, monkeypatch):
+    if not pool.isolated:  # a machine without root: these mild ones may run unisolated
+        monkeypatch.setenv("PASSUNTIL_UNSAFE_LOCAL_EXECUTION", "1")
     task = humaneval().subset(["0"])
     x = task.instances[0]
     hostile = [body(c) for c in ("import os\nos._exit(0)", "while True:\n    pass",
@@ -140,3 +88,102 @@ def test_evaluation_goes_on_through_hostile_completions(tmp_path):
     assert r.passes == 2 and r.samples == 8  # exactly every fourth sample passes
     os.kill(os.getpid(), 0)  # the test process is alive
     assert signal.getsignal(signal.SIGINT) is not None
+
+
+def test_without_isolation_code_checks_are_refused_unless_the_user_opts_in(monkeypatch, tmp_path):
+    monkeypatch.delenv("PASSUNTIL_UNSAFE_LOCAL_EXECUTION", raising=False)
+    with pytest.raises(UserError, match="--unsafe-local-execution") as err:
+        SandboxPool(1, unprivileged=True)
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("PASSUNTIL_UNSAFE_LOCAL_EXECUTION", "1")
+    p = SandboxPool(1, unprivileged=True)
+    try:
+        assert p.mode == "unsafe-local" and not p.isolated
+        assert p.run(Job(PROMPT + body("return x + y"), PROMPT + TEST, "add")).passed
+        assert not p.run(Job(PROMPT + body("return x - y"), PROMPT + TEST, "add")).passed
+        # A setsid() grandchild does not survive its check (finding 4 of issue 14).
+        pid_file = tmp_path / "escapee.pid"
+        escape = (f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+                  f"        open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+                  f"        time.sleep(60)\n    os._exit(0)\ntime.sleep(0.5)\nreturn x + y")
+        assert p.run(Job(PROMPT + body(escape), PROMPT + TEST, "add")).passed
+        escapee = int(pid_file.read_text())
+        with pytest.raises(ProcessLookupError):
+            os.kill(escapee, 0)
+    finally:
+        p.close()
+
+
+def test_isolation_mode_names_the_isolation_checks_get(pool, monkeypatch):
+    assert pool.mode in MODES
+    if not pool.isolated:  # a machine without root: the default pool needs the opt-in
+        monkeypatch.setenv("PASSUNTIL_UNSAFE_LOCAL_EXECUTION", "1")
+    assert isolation_mode() in MODES
+    if os.geteuid() == 0:  # this machine: root with namespaces, and a writable memory cgroup
+        assert pool.mode.startswith("namespaces+")
+
+
+def _stdlib_that_imports_here() -> list[str]:
+    """Public stdlib modules that import in a normal (host) interpreter."""
+    names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_"))
+    code = ("import sys, json, io, contextlib\nok = []\n"
+            "for n in json.loads(sys.argv[1]):\n    try:\n"
+            "        with contextlib.redirect_stdout(io.StringIO()):\n            __import__(n)\n"
+            "        ok.append(n)\n    except BaseException:\n        pass\n"
+            "print(json.dumps(ok))")
+    out = subprocess.run([sys.executable, "-I", "-c", code, json.dumps(names)], env={},
+                         capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+# Run as root in a private mount namespace (`unshare --mount`): the interpreter's prefix is
+# bind-mounted under a fresh mode-700 directory and the pool runs on that copy of it.
+PRIVATE_PREFIX = textwrap.dedent(r"""
+    import ctypes, json, os, sys
+    from passuntil.execution import Job, Limits, SandboxPool
+    private, names = sys.argv[1], json.loads(sys.argv[2])
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mount(b"none", b"/", None, (1 << 14) | (1 << 18), None) == 0  # rprivate
+    os.makedirs(private + "/prefix")
+    os.chmod(private, 0o700)
+    assert libc.mount(sys.base_prefix.encode(), (private + "/prefix").encode(), None,
+                      4096 | (1 << 14), None) == 0
+    python = private + "/prefix/bin/" + os.path.basename(os.path.realpath(sys.executable))
+    prompt = "def imports(names):\n    \"\"\"Import each module.\"\"\"\n"
+    program = prompt + (
+        "    import io, contextlib\n    bad = []\n    for n in names:\n        try:\n"
+        "            with contextlib.redirect_stdout(io.StringIO()):\n"
+        "                __import__(n)\n        except BaseException:\n"
+        "            bad.append(n)\n    return bad\n")
+    test = "def check(candidate):\n    assert candidate(%r) == []\n"
+    pool = SandboxPool(2, Limits(timeout_s=60, cpu_s=50, mem_bytes=2 << 30), python=python)
+    try:
+        checked = pool.run(Job(program, prompt + test % (names,), "imports"))
+        failing = [] if checked.passed else [
+            n for n, v in zip(names, pool.run_many(
+                [Job(program, prompt + test % ([n],), "imports") for n in names]))
+            if not v.passed]
+        probe = "import sys\nassert sys.base_prefix.startswith(%r)\n" % private
+        where = pool.run(Job(prompt + "    " + probe.replace("\n", "\n    ") + "return []\n",
+                             prompt + test % ([],), "imports")).passed
+    finally:
+        pool.close()
+    print(json.dumps({"mode": pool.mode, "passed": checked.passed, "failing": failing,
+                      "private_python_used": where}))
+""")
+
+
+def test_every_stdlib_module_imports_in_a_check_with_the_interpreter_under_mode_700(tmp_path):
+    if os.geteuid() != 0 or not os.path.exists("/usr/bin/unshare"):
+        pytest.skip("needs root and util-linux unshare")
+    names = _stdlib_that_imports_here()
+    assert len(names) > 200
+    private = tmp_path / "private"
+    out = subprocess.run(["/usr/bin/unshare", "--mount", sys.executable, "-c", PRIVATE_PREFIX,
+                          str(private), json.dumps(names)], capture_output=True, text=True,
+                         timeout=600, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["mode"].startswith("namespaces+")
+    assert result["private_python_used"]
+    assert result["failing"] == [] and result["passed"]
