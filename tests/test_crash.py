@@ -1,5 +1,6 @@
 """Crash safety: `passuntil eval` killed with SIGKILL at random moments and resumed each time
-ends with exactly the store an uninterrupted run writes."""
+ends with exactly the store an uninterrupted run writes; each resume takes over the lease the
+killed process left behind."""
 
 import os
 import signal
@@ -60,17 +61,22 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
 
     store = tmp_path / "killed.sqlite"
     rng = np.random.default_rng(2024)
-    kills, attempts = 0, 0
+    kills, attempts, left_behind = 0, 0, 0
     while kills < 6 and attempts < 40:
         attempts += 1
         args = _fresh_args(series) if attempts == 1 else ["--resume"]
         proc = subprocess.Popen(_cmd(store, series, *args), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(0.4, 1.5))
+        if attempts % 2:  # odd tries: kill while it samples, holding the lease (the first must
+            _wait_for_lease(store, proc)  # get that far: a run never recorded cannot be resumed)
+            time.sleep(rng.uniform(0.0, 0.6))
+        else:  # even tries: at any moment after the start
+            time.sleep(rng.uniform(0.4, 1.5))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
+            left_behind += _lease_pid(store) == proc.pid
         else:
             assert proc.returncode == 0, proc.stderr.read().decode()
             break  # the run finished before we could kill it
@@ -84,3 +90,22 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     assert len(ref_results) == 3 * 40
     assert results == ref_results
     assert completions == ref_completions
+    assert left_behind >= 1, "no kill landed while the run held its lease"
+    assert _lease_pid(store) is None  # the last resume released it
+
+
+def _wait_for_lease(store, proc):
+    """Until `proc` holds the run's lease (or has ended); polled, not timed."""
+    while proc.poll() is None and _lease_pid(store) != proc.pid:
+        time.sleep(0.02)
+
+
+def _lease_pid(store):
+    """The pid holding the run's lease, if any (without creating the file if it is missing)."""
+    try:
+        con = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+        row = con.execute("SELECT pid FROM leases").fetchone()
+        con.close()
+    except sqlite3.Error:  # killed before the store (or its tables) existed
+        row = None
+    return row[0] if row else None

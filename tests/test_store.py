@@ -51,6 +51,10 @@ def test_round_commits_reload_exactly(store, toy_task, toy_sampler):
         assert st.verdicts[toy_task.instances[0].references[0]] if st.instance.id == "i0" else True
     df = store.results("r1")
     assert len(df) == len(toy_task.instances) and (df["n_params"] == 1e6).all()
+    counts = store.counts("r1", "m")  # the same, as plain frozen counts
+    assert {c.instance_id: (c.samples, c.passes, c.pass_indices, c.stopped) for c in counts.values()} == \
+           {r.instance_id: (r.samples, r.passes, r.pass_indices, r.stopped) for r in results}
+    assert all(sum(n for _, n, _ in c.completions) + c.overflow == c.samples for c in counts.values())
 
 
 def test_failed_round_rolls_back(store, toy_task):

@@ -3,9 +3,19 @@
 One file holds any number of runs. Per (run, model, task, instance) it keeps the counted
 samples, passes, indices of the passing samples, overshoot, stopping outcome, the sample
 stream's seed, and the distinct completion texts with their counts (capped per instance).
-Each engine round is written in one transaction holding absolute totals, so a kill at any
-moment loses at most the round in flight and never counts a sample twice; resuming reloads
-exactly the committed state.
+
+Counting is safe against crashes and against a second writer:
+- each engine round reaches the store as an immutable delta (`RoundDelta`: what the round added
+  to one instance, from its first sample index), applied only if the stored count still equals
+  that index (compare-and-set, inside one `BEGIN IMMEDIATE` transaction). A round the store
+  already counts (a replay) is a no-op; a writer whose view of the run is out of date gets a
+  `UserError` and writes nothing. So no interleaving counts a sample or a completion twice, and
+  a kill at any moment loses at most the round in flight. Only the totals are kept: a ledger of
+  rounds would grow with rounds x instances (one row per instance per round).
+- a process samples a run only while holding its lease (`with store.lease(run_id):`, see
+  `passuntil.lease`); a second writer is refused with one line naming the holder.
+- creating a store is one transaction, so processes opening a new path at once all see either
+  nothing or a whole store.
 
 Every run records its resolved configuration, the package version and the git commit.
 """
@@ -17,14 +27,21 @@ import datetime as dt
 import json
 import sqlite3
 import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from passuntil import __version__
-from passuntil.engine import InstanceState, RoundUpdate
+from passuntil import lease as lease_mod
 from passuntil.errors import UserError
+from passuntil.lease import Lease
+
+if TYPE_CHECKING:
+    from passuntil.engine import InstanceState, RoundUpdate
 
 APPLICATION_ID = 0x50415353  # "PASS": marks a SQLite file as a passuntil store
+BUSY_TIMEOUT_S = 60.0  # how long a connection waits for another process's write
 
 
 def _m1_initial(db: sqlite3.Connection) -> None:
@@ -94,7 +111,53 @@ def _m2_reference_scores(db: sqlite3.Connection) -> None:
     """)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_m1_initial, _m2_reference_scores]
+def _m3_leases(db: sqlite3.Connection) -> None:
+    """Run leases: one writer per run (see `passuntil.lease`)."""
+    db.execute(lease_mod.LEASES_TABLE)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _m1_initial, _m2_reference_scores, _m3_leases]
+
+
+@dataclass(frozen=True)
+class RoundDelta:
+    """What one engine round added for one instance; `first_sample` is the count before it."""
+
+    task: str
+    instance_id: str
+    seed: int
+    first_sample: int
+    samples: int  # counted in this round
+    passes: int
+    pass_indices: tuple[int, ...]  # absolute indices of this round's passes
+    overshoot: int
+    overflow: int
+    stopped: str | None
+    completions: tuple[tuple[str, int, bool], ...]  # (text, count added, passed)
+
+    @property
+    def end(self) -> int:
+        return self.first_sample + self.samples
+
+
+@dataclass(frozen=True)
+class InstanceCounts:
+    """What the store holds for one instance of one model: plain counts."""
+
+    task: str
+    instance_id: str
+    seed: int
+    samples: int
+    passes: int
+    pass_indices: tuple[int, ...]
+    overshoot: int
+    overflow: int
+    stopped: str | None
+    completions: tuple[tuple[str, int, bool], ...]  # (text, count, passed)
+
+
+_ZERO = (0, 0, 0, 0, 0)  # samples, passes, len(pass_indices), overshoot, overflow
 
 
 def git_commit() -> str | None:
@@ -118,14 +181,14 @@ class Store:
         self.path = Path(path)
         if not create and not self.path.exists():
             raise UserError(f"no run store at {self.path}")
-        if self.path.exists() and self.path.is_dir():
+        if self.path.is_dir():
             raise UserError(f"{self.path} is a directory, not a run store")
-        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        self._tallies: dict[tuple[str, str, str, str], tuple[int, ...]] = {}  # this writer's view
+        self._leases: dict[str, str] = {}  # run -> token of the lease this object holds
+        self._reserved: dict[str, str] = {}  # run -> token of the "starting" row of a run it created
         try:
-            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            app_id = self.db.execute("PRAGMA application_id").fetchone()[0]
-            if not fresh and app_id != APPLICATION_ID:
-                raise UserError(f"{self.path} is a SQLite file but not a passuntil run store")
+            self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            self._refuse_foreign()
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
@@ -133,34 +196,78 @@ class Store:
         except sqlite3.DatabaseError as err:
             raise UserError(f"{self.path} is not a readable run store ({err})") from None
 
+    def _refuse_foreign(self) -> None:
+        """A file is ours (our application id), or empty (never initialised, or being
+        initialised by another process: that is one transaction, not visible until whole)."""
+        app_id, tables = self.db.execute(  # one statement: one snapshot of the file
+            "SELECT (SELECT * FROM pragma_application_id), (SELECT COUNT(*) FROM sqlite_master)").fetchone()
+        if app_id != APPLICATION_ID and (app_id != 0 or tables):
+            raise UserError(f"{self.path} is a SQLite file but not a passuntil run store")
+
+    def _schema_version(self) -> int:
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='schema_migrations'").fetchone():
+            return 0
+        return self.db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+
     def _migrate(self) -> None:
-        db = self.db
-        db.execute(f"PRAGMA application_id={APPLICATION_ID}")
-        db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)")
-        done = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
-        if done > len(MIGRATIONS):
-            raise UserError(f"{self.path} was written by a newer passuntil (schema {done}); upgrade passuntil")
-        for version in range(done + 1, len(MIGRATIONS) + 1):
-            db.execute("BEGIN IMMEDIATE")
-            MIGRATIONS[version - 1](db)
-            db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, _now()))
-            db.execute("COMMIT")
+        """Bring the schema up to date in one IMMEDIATE transaction (re-read inside it, since
+        another process may have migrated meanwhile); an up-to-date store is not written."""
+        if self._schema_version() == len(MIGRATIONS):
+            return
+        with self._tx():
+            self._refuse_foreign()
+            done = self._schema_version()
+            if done > len(MIGRATIONS):
+                raise UserError(f"{self.path} was written by a newer passuntil (schema {done}); "
+                                "upgrade passuntil")
+            if done < len(MIGRATIONS):
+                self.db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                self.db.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                                "(version INTEGER PRIMARY KEY, applied_at TEXT)")
+            for version in range(done + 1, len(MIGRATIONS) + 1):
+                MIGRATIONS[version - 1](self.db)
+                self.db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, _now()))
 
     def close(self) -> None:
+        """Close the file, first dropping the "starting" marks of runs this object created but
+        never sampled (a run whose creator is gone is free for others anyway)."""
+        with contextlib.suppress(sqlite3.Error):
+            for run_id, token in self._reserved.items():
+                self.db.execute("DELETE FROM leases WHERE run_id=? AND token=?", (run_id, token))
         self.db.close()
 
     # runs ---------------------------------------------------------------------------------
 
     def create_run(self, run_id: str, config: dict, models: Iterable[dict]) -> None:
-        """Record a new run with its resolved config and its models (name, n_params, ...)."""
-        if self.run_exists(run_id):
-            raise UserError(f"run {run_id!r} already exists in {self.path}; use --resume to continue it")
+        """Record a new run with its resolved config and its models (name, n_params, ...).
+        Of several processes creating the same run at once exactly one succeeds; the run is
+        marked as being started by this process until its `lease` is taken here."""
+        row = (run_id, _now(), json.dumps(config, sort_keys=True), __version__, git_commit())
+        specs = [(run_id, m["name"], float(m["n_params"]), json.dumps(m, sort_keys=True)) for m in models]
         with self._tx():
-            self.db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)",
-                            (run_id, _now(), json.dumps(config, sort_keys=True), __version__, git_commit()))
-            self.db.executemany("INSERT INTO models VALUES (?, ?, ?, ?)",
-                                [(run_id, m["name"], float(m["n_params"]), json.dumps(m, sort_keys=True))
-                                 for m in models])
+            if self.run_exists(run_id):
+                raise UserError(f"run {run_id!r} already exists in {self.path}; use --resume to continue it")
+            self.db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", row)
+            self.db.executemany("INSERT INTO models VALUES (?, ?, ?, ?)", specs)
+            self._reserved[run_id] = lease_mod.reserve(self.db, run_id).token
+
+    def delete_run(self, run_id: str) -> None:
+        """Forget a run that never counted anything (recorded, then failed to start), so that its
+        name is free again. Refused while another process is starting or sampling it, and for a
+        run with results (those are only continued, with --resume)."""
+        with self._tx():
+            if not self.run_exists(run_id):
+                return
+            held = lease_mod.current(self.db, run_id)
+            if lease_mod.blocks(held):
+                raise UserError(f"run {run_id!r} already exists in {self.path} and is {held.describe()}; "
+                                "pass --resume once it stops, or --run NAME for a new one")
+            for table in ("results", "reference_scores"):
+                if self.db.execute(f"SELECT 1 FROM {table} WHERE run_id=? LIMIT 1", (run_id,)).fetchone():
+                    raise UserError(f"run {run_id!r} already exists in {self.path}; pass --resume to "
+                                    "continue it or --run NAME for a new one")
+            for table in ("completions", "leases", "models", "runs"):
+                self.db.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
 
     def run_exists(self, run_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone() is not None
@@ -169,7 +276,14 @@ class Store:
         row = self.db.execute("SELECT config_json FROM runs WHERE run_id=?", (run_id,)).fetchone()
         if row is None:
             raise UserError(f"no run {run_id!r} in {self.path} (runs: {', '.join(self.runs()) or 'none'})")
-        return json.loads(row[0])
+        try:
+            config = json.loads(row[0])
+        except (TypeError, ValueError):
+            config = None
+        if not isinstance(config, dict) or not isinstance(config.get("engine"), dict):
+            raise UserError(f"{self.path}: the stored configuration of run {run_id!r} is not "
+                            "readable (a damaged store)")
+        return config
 
     def runs(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT run_id FROM runs ORDER BY created_at, run_id")]
@@ -186,46 +300,144 @@ class Store:
         return [json.loads(r[0]) for r in self.db.execute(
             "SELECT spec_json FROM models WHERE run_id=? ORDER BY n_params, model", (run_id,))]
 
+    # one writer per run -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lease(self, run_id: str) -> Iterator[Lease]:
+        """Hold the run's lease while sampling it: a second writer gets a `UserError` naming the
+        holder; a stale lease (its holder gone) is taken over. Released on exit, also on errors."""
+        with self._tx():
+            if not self.run_exists(run_id):
+                raise UserError(f"no run {run_id!r} in {self.path}")
+            held = lease_mod.acquire(self.db, run_id, self.path)
+        self._leases[run_id] = held.token
+        self._reserved.pop(run_id, None)
+        beat = lease_mod.Heartbeat(self.path, held)
+        try:
+            yield held
+        finally:
+            beat.stop()
+            self._leases.pop(run_id, None)
+            with contextlib.suppress(sqlite3.Error, UserError):  # if this fails, the row goes stale
+                self.db.execute("DELETE FROM leases WHERE run_id=? AND token=?", (run_id, held.token))
+
+    def lease_holder(self, run_id: str) -> Lease | None:
+        """The lease on a run, if any (possibly stale: see `Lease.is_stale`)."""
+        return lease_mod.current(self.db, run_id)
+
+    def _check_writer(self, run_id: str) -> None:
+        """Inside a write: this object must still hold the run's lease if it took one, and
+        must not write a run another live process holds."""
+        held = lease_mod.current(self.db, run_id)
+        token = self._leases.get(run_id)
+        if token is not None and (held is None or held.token != token):
+            who = f"now {held.describe()}" if held else "released"
+            raise UserError(f"this process lost its lease on run {run_id!r} in {self.path} ({who}); "
+                            "nothing was counted twice: run `passuntil eval --resume` again")
+        if token is None and lease_mod.blocks(held):
+            raise UserError(lease_mod.held_message(held, self.path))
+
     # engine state ---------------------------------------------------------------------------
 
-    def load_states(self, run_id: str, model: str, states: list[InstanceState]) -> None:
-        """Overwrite fresh `states` with whatever the store holds for them."""
-        by_key = {st.key: st for st in states}
+    def counts(self, run_id: str, model: str) -> dict[tuple[str, str], InstanceCounts]:
+        """Everything stored for a model of a run, per (task, instance id). Also sets this
+        writer's view of the run, from which `commit_round` measures each round's delta."""
+        self._tallies = {k: v for k, v in self._tallies.items() if k[:2] != (run_id, model)}
+        texts: dict[tuple[str, str], list[tuple[str, int, bool]]] = {}
+        for task, iid, text, count, passed in self.db.execute(
+                "SELECT task, instance_id, text, count, passed FROM completions WHERE run_id=? AND model=? "
+                "ORDER BY task, instance_id, text", (run_id, model)):
+            texts.setdefault((task, iid), []).append((text, count, bool(passed)))
+        out = {}
         for task, iid, seed, samples, passes, idx, overshoot, overflow, stopped in self.db.execute(
                 "SELECT task, instance_id, seed, samples, passes, pass_indices, overshoot, overflow, stopped "
                 "FROM results WHERE run_id=? AND model=?", (run_id, model)):
-            st = by_key.get((task, iid))
-            if st is None:
+            indices = tuple(json.loads(idx))
+            out[task, iid] = InstanceCounts(task, iid, seed, samples, passes, indices, overshoot, overflow,
+                                            stopped, tuple(texts.get((task, iid), ())))
+            self._tallies[run_id, model, task, iid] = (samples, passes, len(indices), overshoot, overflow)
+        return out
+
+    def load_states(self, run_id: str, model: str, states: list[InstanceState]) -> None:
+        """Overwrite fresh engine `states` with the stored counts (the engine's resume door)."""
+        stored = self.counts(run_id, model)
+        for st in states:
+            c = stored.get(st.key)
+            if c is None:
                 continue
-            if st.seed != seed:
-                raise UserError(f"stored seed for {task}/{iid} differs from this run's: not the same run")
-            st.samples, st.passes, st.pass_indices = samples, passes, json.loads(idx)
-            st.overshoot, st.overflow, st.stopped = overshoot, overflow, stopped
-        for task, iid, text, count, passed in self.db.execute(
-                "SELECT task, instance_id, text, count, passed FROM completions WHERE run_id=? AND model=?",
-                (run_id, model)):
-            st = by_key.get((task, iid))
-            if st is not None:
-                st.completions[text] = count
-                st.verdicts[text] = bool(passed)
+            if st.seed != c.seed:
+                raise UserError(f"stored seed for {c.task}/{c.instance_id} differs from this run's: "
+                                "not the same run")
+            st.samples, st.passes, st.pass_indices = c.samples, c.passes, list(c.pass_indices)
+            st.overshoot, st.overflow, st.stopped = c.overshoot, c.overflow, c.stopped
+            st.completions = {text: n for text, n, _ in c.completions}
+            st.verdicts = {text: ok for text, _, ok in c.completions}
 
     def commit_round(self, run_id: str, model: str, updates: list[RoundUpdate]) -> None:
-        """Write one engine round: new totals and completion-count deltas, atomically."""
+        """Write one engine round atomically, as one immutable delta per instance measured
+        against what this writer last loaded or committed (see `commit_deltas`)."""
+        deltas = [self._delta(run_id, model, u) for u in updates]
+        self.commit_deltas(run_id, model, deltas)
+
+    def _delta(self, run_id: str, model: str, u: RoundUpdate) -> RoundDelta:
+        st = u.state
+        samples, passes, n_idx, overshoot, overflow = self._tallies.get(
+            (run_id, model, st.task, st.instance.id), _ZERO)
+        return RoundDelta(st.task, st.instance.id, st.seed, samples, st.samples - samples,
+                          st.passes - passes, tuple(st.pass_indices[n_idx:]), st.overshoot - overshoot,
+                          st.overflow - overflow, st.stopped,
+                          tuple((text, n, bool(st.verdicts[text])) for text, n in u.new_completions.items()))
+
+    def commit_deltas(self, run_id: str, model: str, deltas: Iterable[RoundDelta]) -> None:
+        """Apply round deltas in one transaction. A delta applies only where the stored count
+        equals its first sample (compare-and-set); one the store already holds (a replayed
+        round) is skipped; any other is a second writer's and raises, writing nothing."""
+        deltas = [d for d in deltas if d.samples > 0]
         now = _now()
         with self._tx():
+            self._check_writer(run_id)
+            pending: dict[tuple, tuple] = {}  # key -> the results row this call writes
+            comps: list[tuple] = []
+            for d in deltas:
+                key = (run_id, model, d.task, d.instance_id)
+                row = self._advance(key, d, pending.get(key), now)
+                if row is not None:
+                    pending[key] = row
+                    comps.extend((*key, text, n, int(ok)) for text, n, ok in d.completions)
             self.db.executemany(
                 "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
                 "samples=excluded.samples, passes=excluded.passes, pass_indices=excluded.pass_indices, "
                 "overshoot=excluded.overshoot, overflow=excluded.overflow, stopped=excluded.stopped, "
-                "updated_at=excluded.updated_at",
-                [(run_id, model, u.state.task, u.state.instance.id, u.state.seed, u.state.samples,
-                  u.state.passes, json.dumps(u.state.pass_indices), u.state.overshoot, u.state.overflow,
-                  u.state.stopped, now) for u in updates])
-            self.db.executemany(
-                "INSERT INTO completions VALUES (?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
-                "count = count + excluded.count",
-                [(run_id, model, u.state.task, u.state.instance.id, text, n, int(u.state.verdicts[text]))
-                 for u in updates for text, n in u.new_completions.items()])
+                "updated_at=excluded.updated_at", pending.values())
+            self.db.executemany("INSERT INTO completions VALUES (?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+                                "count = count + excluded.count", comps)
+        for d in deltas:  # this writer's view now includes the rounds (also those skipped)
+            key = (run_id, model, d.task, d.instance_id)
+            samples, passes, n_idx, overshoot, overflow = self._tallies.get(key, _ZERO)
+            if samples == d.first_sample:
+                self._tallies[key] = (d.end, passes + d.passes, n_idx + len(d.pass_indices),
+                                      overshoot + d.overshoot, overflow + d.overflow)
+
+    def _advance(self, key: tuple, d: RoundDelta, pending: tuple | None, now: str) -> tuple | None:
+        """The instance's new results row after delta `d` (compare-and-set against the stored
+        row, or the row this call already wrote), None for a replay; raises for a stale writer."""
+        row = pending[4:10] if pending else self.db.execute(
+            "SELECT seed, samples, passes, pass_indices, overshoot, overflow FROM results "
+            "WHERE run_id=? AND model=? AND task=? AND instance_id=?", key).fetchone()
+        seed, stored, passes, idx, overshoot, overflow = row or (d.seed, 0, 0, "[]", 0, 0)
+        if seed != d.seed:
+            raise UserError(f"stored seed for {d.task}/{d.instance_id} differs from this run's: "
+                            "not the same run")
+        if stored >= d.end:
+            return None  # the store already counts this round: a replay adds nothing
+        if stored != d.first_sample:
+            raise UserError(
+                f"run {key[0]!r} in {self.path} was written by another process while this one "
+                f"sampled it ({key[1]}/{d.task}/{d.instance_id}: {stored} samples stored, this "
+                f"process expected {d.first_sample}); nothing was counted twice: stop the other "
+                "writer and run `passuntil eval --resume`")
+        return (*key, d.seed, d.end, passes + d.passes, json.dumps(json.loads(idx) + list(d.pass_indices)),
+                overshoot + d.overshoot, overflow + d.overflow, d.stopped, now)
 
     def save_reference_scores(self, run_id: str, model: str, rows: list[tuple]) -> None:
         """rows: (task, instance_id, ref_logprob, ref_tokens, exact_p or None)."""
@@ -239,7 +451,11 @@ class Store:
 
     @contextlib.contextmanager
     def _tx(self):
-        self.db.execute("BEGIN IMMEDIATE")
+        """One IMMEDIATE transaction: it takes the write lock first, waiting up to the busy timeout."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:
+            raise UserError(f"{self.path} stayed locked by another process ({err}); try again") from None
         try:
             yield
         except BaseException:
