@@ -97,20 +97,20 @@ def test_task_file_examples_load():
     assert prompt.endswith("Q: What is the capital of France?\nA:") and prompt.count("Q:") == 3
     assert caps.check(caps.instances[0], " Paris.")
     code = get_task(str(EXAMPLES / "add_function.jsonl"))
-    assert code.name == "add_function"
+    assert code.name == "add_function" and code.check.spec == "unit_tests"  # its header says so
     x = code.instances[0]
-    assert x.meta["entry_point"] == "inc"
+    assert x.meta["entry_point"] == "inc" and code.max_new_tokens == 64
 
 
 @pytest.mark.parametrize("text, message", [
     ("name: t\ninstances: []\n", "'instances' must be a non-empty list"),
     ("name: t\nfoo: 1\ninstances: [{prompt: a, references: [b]}]\n", "unknown field"),
-    ("name: t\ninstances: [{prompt: a}]\n", "'references' must be a non-empty list"),
+    ("name: t\ninstances: [{prompt: a}]\n", "missing 'references'"),
     ("name: t\ntemplate: '{q}'\ninstances: [{x: a, references: [b]}]\n", "needs field(s) ['q']"),
     ("name: t\ncheck: fuzzy\ninstances: [{prompt: a, references: [b]}]\n", "unknown check"),
     ("name: t\ninstances: [{id: 1, prompt: a, references: [b]}, {id: 1, prompt: c, "
      "references: [d]}]\n", "duplicate id"),
-    ("name: t\ncheck: unit_tests\ninstances: [{prompt: a, references: [b]}]\n", "needs 'test'"),
+    ("name: t\ncheck: unit_tests\ninstances: [{prompt: a, references: [b]}]\n", "needs a 'test'"),
     ("name: [t\n", "not valid YAML"),
 ])
 def test_task_file_errors_are_one_clear_line(tmp_path, text, message):

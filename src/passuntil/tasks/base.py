@@ -31,7 +31,9 @@ Check = Callable[[Instance, str], bool]
 class FewShot:
     """Prepend `n_shots` solved examples drawn (seeded, per instance) from `pool`.
 
-    The instance itself is never one of its own shots. Shots are formatted as
+    The instance itself is never one of its own shots: when the pool is the task's own instances
+    the instance's id is left out; when it is a separate pool (`separate_pool`, a task file's
+    `shots_from`) any example with the instance's very prompt is. Shots are formatted as
     `shot_template.format(prompt=..., answer=...)` and joined by `separator`.
     """
 
@@ -40,9 +42,13 @@ class FewShot:
     seed: int = 0
     shot_template: str = "{prompt}{answer}"
     separator: str = "\n\n"
+    separate_pool: bool = False
 
     def shots_for(self, instance: Instance) -> list[Instance]:
-        candidates = [x for x in self.pool if x.id != instance.id]
+        if self.separate_pool:
+            candidates = [x for x in self.pool if x.prompt != instance.prompt]
+        else:
+            candidates = [x for x in self.pool if x.id != instance.id]
         if len(candidates) < self.n_shots:
             raise ValueError(f"few-shot pool has {len(candidates)} items, needs {self.n_shots}")
         return random.Random(f"{self.seed}:{instance.id}").sample(candidates, self.n_shots)
@@ -101,4 +107,7 @@ class Task:
         return {"name": self.name, "instances": len(self.instances), "source": self.source,
                 "stop": list(self.stop), "max_new_tokens": self.max_new_tokens,
                 "check": getattr(self.check, "spec", repr(self.check)),
-                "description": self.description}
+                "description": self.description,
+                "shots": self.few_shot.n_shots if self.few_shot else 0,
+                "shots_pool": ("" if not self.few_shot else f"{len(self.few_shot.pool)} separate examples"
+                               if self.few_shot.separate_pool else "the task's instances")}

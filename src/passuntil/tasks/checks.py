@@ -7,6 +7,7 @@ string that `from_spec` parses back: "exact", "contains", "normalized", "regex:P
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 import string
@@ -122,9 +123,13 @@ class PythonCheck:
         if not module or not func:
             raise UserError(f"python check must look like 'module:function', got {self.target!r}")
         try:
-            return getattr(importlib.import_module(module), func)
-        except (ImportError, AttributeError) as err:
-            raise UserError(f"cannot load check {self.target!r}: {err}") from None
+            found = getattr(importlib.import_module(module), func)
+        except Exception as err:  # the user's module may fail in any way while it is imported
+            first = (str(err).splitlines() or [""])[0]
+            raise UserError(f"cannot load check {self.target!r}: {type(err).__name__}: {first}") from None
+        if not callable(found):
+            raise UserError(f"check {self.target!r} is not a function")
+        return found
 
     def __call__(self, instance: Instance, text: str) -> bool:
         return bool(self.resolve()(instance, text))
@@ -135,14 +140,16 @@ class UnitTests:
     """Run prompt + completion in the sandbox; pass when the tests' `check(candidate)` succeeds.
 
     The instance's meta holds "test" (code defining `check(candidate)`, HumanEval's format) and
-    "entry_point" (the function the completion defines). See `passuntil.execution`.
+    "entry_point" (the function the completion defines). See `passuntil.execution`. The test runs
+    after the prompt's own definitions (imports, helpers) when the prompt is valid Python by
+    itself, as HumanEval's are; a prompt that is a bare header (`def inc(x):`) is left out of it.
     """
 
     spec: str = "unit_tests"
 
     def job(self, instance: Instance, text: str) -> Job:
-        return Job(instance.prompt + text, instance.prompt + "\n" + instance.meta["test"],
-                   instance.meta["entry_point"])
+        context = instance.prompt + "\n" if _compiles(instance.prompt) else ""
+        return Job(instance.prompt + text, context + instance.meta["test"], instance.meta["entry_point"])
 
     def __call__(self, instance: Instance, text: str) -> bool:
         return default_pool().run(self.job(instance, text)).passed
@@ -150,6 +157,15 @@ class UnitTests:
     def check_many(self, instance: Instance, texts: list[str]) -> list[bool]:
         """Check several completions at once, in parallel over the worker pool."""
         return [v.passed for v in default_pool().run_many([self.job(instance, t) for t in texts])]
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiles(code: str) -> bool:
+    try:
+        compile(code, "<prompt>", "exec")
+    except (SyntaxError, ValueError):
+        return False
+    return True
 
 
 def from_spec(spec: str):
@@ -166,4 +182,4 @@ def from_spec(spec: str):
         check.resolve()
         return check
     raise UserError(f"unknown check {spec!r} (use exact, contains, normalized, regex:PATTERN, "
-                    "multiple_choice or python:module:function)")
+                    "multiple_choice, unit_tests or python:module:function)")

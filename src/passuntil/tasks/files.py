@@ -1,36 +1,31 @@
-"""User task files: a YAML task description, or a JSONL file of instances.
+"""User task files: a YAML task, or a JSONL file of instances whose first line may be a header.
 
-YAML (see examples/capitals.yaml)::
+Both forms take the same task fields (docs/task-files.md lists each with its default)::
 
-    name: capitals
-    template: "Q: What is the capital of {country}?\\nA:"   # fields of each instance
-    check: exact            # exact, contains, normalized, regex:PAT, multiple_choice, unit_tests
-    stop: ["\\n"]
-    max_new_tokens: 16
-    shots: {n: 2, seed: 0, separator: "\\n\\n", template: "{prompt} {answer}"}   # optional
-    instances:              # or `instances_file: items.jsonl` (relative to the YAML file)
+    # capitals.yaml                                  # add_function.jsonl
+    name: capitals                                   {"task": {"check": "unit_tests"}}
+    template: "Q: What is the capital of {country}?\\nA:"   {"id": "inc", "prompt": "def inc...",
+    check: contains                                   "references": [...], "test": "...",
+    shots: {n: 2}                                     "entry_point": "inc"}
+    instances:                  # or instances_file: items.jsonl
       - {id: fr, country: France, references: [Paris]}
 
-JSONL: one instance per line, `{"id": ..., "prompt": ..., "references": [...]}`; the task is named
-after the file and checked by exact match. Every problem is reported as one line naming the file
-(and line or item) at fault.
+A JSONL task without a header is checked by exact match, or by its unit tests when every record
+carries `test` and `entry_point`. Few-shot examples come from the task's own instances or from a
+separate pool (`shots_from`). Every problem is one `UserError` line naming the file (and, for
+JSONL, the line); the fields themselves are checked in `passuntil.tasks.fields`.
 """
 
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import yaml
 
 from passuntil.errors import UserError
-from passuntil.tasks.base import FewShot, Instance, Task
-from passuntil.tasks.checks import from_spec
-
-TASK_KEYS = {"name", "description", "template", "check", "stop", "max_new_tokens", "shots",
-             "instances", "instances_file", "preamble"}
-SHOT_KEYS = {"n", "seed", "separator", "template"}
+from passuntil.tasks.base import Task
+from passuntil.tasks.fields import Row, build_task, check_fields, describe_value
 
 
 def is_task_file(name: str) -> bool:
@@ -38,108 +33,161 @@ def is_task_file(name: str) -> bool:
 
 
 def load_task_file(path: str | Path) -> Task:
+    """The task a YAML or JSONL file describes; one clear `UserError` for anything wrong in it."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"task file {path} does not exist")
     if path.suffix == ".jsonl":
-        rows = _read_jsonl(path)
-        return Task(path.stem, _instances(rows, None, path), from_spec("exact"),
-                    source=f"file: {path}")
+        header, rows = read_jsonl(path, "task file", header=True)
+        spec, where = (header.fields, header.where) if header else ({}, str(path))
+        check_fields(spec, where, jsonl=True)
+    else:
+        spec = _read_yaml(path)
+        where = str(path)
+        check_fields(spec, where, jsonl=False)
+        rows = _yaml_rows(spec, path)
+    return build_task(spec, rows, where=where, base=path.parent, default_name=path.stem,
+                      source=f"file: {path}", read_pool=_read_pool)
+
+
+def read_text(path: Path, what: str) -> str:
+    """A file's text as UTF-8 (a byte-order mark is allowed); a clear line when it is not one."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory, not a file")
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {what} {path}: {err.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); "
+                        "save the file as UTF-8") from None
+
+
+def read_jsonl(path: Path, what: str, *, header: bool) -> tuple[Row | None, list[Row]]:
+    """The records of a JSONL file with their line numbers, and its header record if it has one.
+
+    A header is a first record of the form `{"task": {...}}`; it is refused where no header
+    belongs (an `instances_file`, a `shots_from` pool), since the options there come from the
+    task that names the file."""
+    text = read_text(path, what)
+    head, rows = None, []
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        record = _parse_json_line(line, where)
+        if isinstance(record, dict) and isinstance(record.get("task"), dict):
+            if not header:
+                raise UserError(f"{where}: a header record {{\"task\": {{...}}}} belongs in a task "
+                                f"file, not in a {what}")
+            if rows or head is not None:
+                raise UserError(f"{where}: the header record {{\"task\": {{...}}}} must be the "
+                                "first record of the file")
+            if set(record) != {"task"}:
+                raise UserError(f"{where}: a header record holds only 'task'; move "
+                                f"{sorted(set(record) - {'task'})} inside it")
+            head = Row(record["task"], where)
+            continue
+        rows.append(Row(record, where))
+    if not rows:
+        raise UserError(f"{path}: no instances (the file is empty)" if head is None and not text.strip()
+                        else f"{path}: no instances")
+    return head, rows
+
+
+def _parse_json_line(line: str, where: str):
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next((k for k in keys if keys.count(k) > 1), None)
+        if dup is not None:
+            raise ValueError(f"key {dup!r} is given twice")
+        return dict(pairs)
+
+    try:
+        return json.loads(line, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); each line "
+                        "must hold one whole JSON object") from None
+    except (ValueError, RecursionError) as err:  # duplicate keys, an integer of > 4300 digits, deep nesting
+        raise UserError(f"{where}: not valid JSON ({_problem(err)})") from None
+
+
+def _problem(err: Exception) -> str:
+    """What a parser's ValueError or RecursionError means, in the file's terms."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    text = (str(err).splitlines() or [""])[0]
+    return "a number with more than 4300 digits" if "4300 digits" in text else text
+
+
+class _Loader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            dup = key in seen
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if dup:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: Path) -> dict:
+    text = read_text(path, "task file")
+    try:
+        spec = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: not valid YAML ({err.problem or err.context})") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except (ValueError, RecursionError) as err:  # an integer of > 4300 digits, deep nesting
+        raise UserError(f"{path}: not valid YAML ({_problem(err)})") from None
+    if spec is None:
+        raise UserError(f"{path}: the task file is empty")
     if not isinstance(spec, dict):
-        raise UserError(f"{path}: expected a mapping of task fields at the top level")
-    unknown = set(spec) - TASK_KEYS
-    if unknown:
-        raise UserError(f"{path}: unknown field(s) {sorted(unknown)}; allowed: {sorted(TASK_KEYS)}")
+        raise UserError(f"{path}: expected a mapping of task fields at the top level, got "
+                        f"{describe_value(spec)}")
+    return spec
+
+
+def _yaml_rows(spec: dict, path: Path) -> list[Row]:
     if ("instances" in spec) == ("instances_file" in spec):
         raise UserError(f"{path}: give exactly one of 'instances' or 'instances_file'")
     if "instances_file" in spec:
-        rows = _read_jsonl(path.parent / str(spec["instances_file"]))
-    else:
-        rows = spec["instances"]
-        if not isinstance(rows, list) or not rows:
-            raise UserError(f"{path}: 'instances' must be a non-empty list")
-    instances = _instances(rows, spec.get("template"), path)
-    stop = spec.get("stop", ["\n"])
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise UserError(f"{path}: 'stop' must be a list of non-empty strings")
-    max_new = spec.get("max_new_tokens", 32)
-    if not isinstance(max_new, int) or max_new < 1:
-        raise UserError(f"{path}: 'max_new_tokens' must be a positive integer")
-    check = from_spec(str(spec.get("check", "exact")))
-    if getattr(check, "spec", "") == "unit_tests":
-        for x in instances:
-            if not {"test", "entry_point"} <= set(x.meta):
-                raise UserError(f"{path}: instance {x.id!r} needs 'test' and 'entry_point' "
-                                "for the unit_tests check")
-    try:
-        return Task(str(spec.get("name") or path.stem), instances, check, stop=tuple(stop),
-                    max_new_tokens=max_new, preamble=str(spec.get("preamble", "")),
-                    few_shot=_few_shot(spec.get("shots"), instances, path),
-                    source=f"file: {path}", description=str(spec.get("description", "")))
-    except ValueError as err:
-        raise UserError(f"{path}: {err}") from None
+        name = spec["instances_file"]
+        if not isinstance(name, str) or not name.endswith(".jsonl"):
+            raise UserError(f"{path}: 'instances_file' must name a .jsonl file, got {describe_value(name)}")
+        return read_jsonl(path.parent / name, "instances file", header=False)[1]
+    items = spec["instances"]
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{path}: 'instances' must be a non-empty list, got {describe_value(items)}")
+    return [Row(item, f"{path}: instance {k}") for k, item in enumerate(items, 1)]
 
 
-def _few_shot(shots, instances, path) -> FewShot | None:
-    if shots is None:
-        return None
-    if not isinstance(shots, dict) or set(shots) - SHOT_KEYS:
-        raise UserError(f"{path}: 'shots' must be a mapping with keys from {sorted(SHOT_KEYS)}")
-    n = shots.get("n", 4)
-    if not isinstance(n, int) or not 0 < n < len(instances):
-        raise UserError(f"{path}: shots.n must be between 1 and {len(instances) - 1}")
-    return FewShot(instances, n_shots=n, seed=int(shots.get("seed", 0)),
-                   shot_template=str(shots.get("template", "{prompt} {answer}")),
-                   separator=str(shots.get("separator", "\n\n")))
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"instances file {path} does not exist")
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-    if not rows:
-        raise UserError(f"{path}: no instances")
-    return rows
-
-
-def _instances(rows: list, template: str | None, path: Path) -> tuple[Instance, ...]:
-    fields = {f for _, f, _, _ in string.Formatter().parse(template or "") if f}
-    out, seen = [], set()
-    for k, row in enumerate(rows, 1):
-        where = f"{path}: instance {k}"
-        if not isinstance(row, dict):
-            raise UserError(f"{where}: expected a mapping")
-        refs = row.get("references", row.get("answer"))
-        if isinstance(refs, str):
-            refs = [refs]
-        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-            raise UserError(f"{where}: 'references' must be a non-empty list of strings")
-        if template is None:
-            if not isinstance(row.get("prompt"), str):
-                raise UserError(f"{where}: needs a 'prompt' string (or give the task a template)")
-            prompt = row["prompt"]
-        else:
-            missing = fields - set(row)
-            if missing:
-                raise UserError(f"{where}: the template needs field(s) {sorted(missing)}")
-            prompt = template.format(**{f: row[f] for f in fields})
-        iid = str(row.get("id", k - 1))
-        if iid in seen:
-            raise UserError(f"{where}: duplicate id {iid!r}")
-        seen.add(iid)
-        meta = {m: v for m, v in row.items() if m not in {"id", "prompt", "references", "answer"}}
-        out.append(Instance(iid, prompt, tuple(refs), meta))
-    return tuple(out)
+def _read_pool(value, base: Path, where: str) -> list[Row]:
+    """The records of `shots_from`: a .jsonl file (relative to the task file) or an inline list."""
+    if isinstance(value, str):
+        if not value.endswith(".jsonl"):
+            raise UserError(f"{where}: 'shots_from' must name a .jsonl file or be a list of "
+                            f"records, got {value!r}")
+        return read_jsonl(base / value, "shots_from pool", header=False)[1]
+    if isinstance(value, list) and value:
+        return [Row(item, f"{where}: shots_from item {k}") for k, item in enumerate(value, 1)]
+    raise UserError(f"{where}: 'shots_from' must name a .jsonl file or be a non-empty list of "
+                    f"records, got {describe_value(value)}")
