@@ -1,7 +1,9 @@
 """Task registry: `get_task(name)` and `list_tasks()`.
 
 Names: the bundled tasks (arith, dates, reverse, code), the simulated ones (sim-*), `humaneval`,
-the BIG-bench tasks (`bigbench/...`, after `passuntil fetch-data`), or a path to a task file.
+the BIG-bench tasks (`bigbench/...`, after `passuntil fetch-data`), or a path to a YAML or JSONL
+task file (docs/task-files.md), or `lm_eval:NAME` (an lm-evaluation-harness
+generation task, docs/lm-eval.md; `passuntil prompts --task NAME` shows any task's exact prompts).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ def get_task(name: str, *, seed: int = 0) -> Task:
         return make_bigbench(name)
     if is_task_file(name):
         return load_task_file(name)
+    if name.startswith("lm_eval:"):  # lm-evaluation-harness tasks (optional extra, imported lazily)
+        from passuntil.tasks.lm_eval import make_lm_eval_task
+
+        return make_lm_eval_task(name)
     raise UserError(f"unknown task {name!r}; `passuntil tasks` lists them (or give a .yaml/.jsonl "
                     "task file)")
 
