@@ -6,6 +6,20 @@
 `--tasks humaneval --max-tokens 64` measures a long prompt (HumanEval/0's last 192 bytes: the
 bundled models see 256 positions).
 
+    .venv/bin/python benchmarks/sampling.py --ab-onecall 6 [--n 1024]
+
+alternates the built-in sampler's whole-step-in-one-C-call path (BLAS sgemm) with the C kernels
+called layer by layer from Python, in one process, and prints each one's times and medians.
+
+    .venv/bin/python benchmarks/sampling.py --backend transformers [--arch llama|gpt2|gpt-neox] [--n 256]
+
+measures passuntil's transformers backend (`TransformersSampler`) against `generate(
+num_return_sequences=n)` on the same weights and prompts: tiny-7 for llama; for gpt2 and gpt-neox
+a model of tiny-7's width and depth built from a config with random weights (and the bundled byte
+tokenizer). Prints samples/s of each, the ratio, and, per prompt, the share of samples whose first
+token is the model's likeliest, for each sampler with a two-proportion z (|z| < 4: the same
+distribution), and on llama the pass rate of the task's references.
+
 Both sample the same weights for the same prompts (one instance of each bundled task):
 ours through `TorchSampler.generate` (prompt prefilled once, shared KV cache, rows leave the
 batch at their stop sequence), theirs with `generate(do_sample=True, num_return_sequences=n)`.
@@ -55,7 +69,16 @@ def main() -> None:
     ap.add_argument("--tasks", default="arith,dates,reverse,code", help="one prompt of each")
     ap.add_argument("--max-tokens", type=int, default=None, help="instead of each task's own")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both samplers run there)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--ab-onecall", type=int, default=0, metavar="ROUNDS",
+                    help="alternate one-call steps with layer-by-layer C kernels, ROUNDS each")
+    ap.add_argument("--backend", default="torch", choices=["torch", "transformers"])
+    ap.add_argument("--arch", default="llama", choices=["llama", "gpt2", "gpt-neox"])
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.backend == "transformers":
+        return transformers_backend(args)
     folders = sorted((p for p in BUNDLED.glob("tiny-*") if (p / "metrics.json").exists()),
                      key=lambda p: int(p.name.split("-")[1]))
     folder = BUNDLED / args.model if args.model else folders[-1]
@@ -74,6 +97,8 @@ def main() -> None:
           f"{'on' if ours._use_kernel() else 'off (' + (cpu_kernel.unavailable() or 'not for this dtype/device') + ')'}")
 
     ours.generate(prompts, params)  # warm-up: the steady state of repeated calls (PassUntil's rounds)
+    if args.ab_onecall:
+        return ab_onecall(ours, prompts, params, args.ab_onecall)
     times = []
     for _ in range(5):  # median of 5 runs, each with an empty prefix cache
         ours._prefixes.clear()
@@ -125,6 +150,115 @@ def main() -> None:
           f"{peak:.1f} GFLOP/s")
     print(f"speed-up {ours_rate / hf_rate:.1f}x over transformers (target >= 15x); "
           f"{100 * flops / ours_s / 1e9 / peak:.0f}% of matmul peak (target >= 60%)")
+
+
+def ab_onecall(ours: TorchSampler, prompts, params, rounds: int) -> None:
+    """One-call steps (sgemm) against layer-by-layer C kernels, alternating in one process: wall
+    and CPU seconds of each call, medians, and the median of the per-round ratios (a round's two
+    calls ran under about the same load)."""
+    print(f"kernel path: {ours.kernel_path}")
+    wall: dict[bool, list[float]] = {True: [], False: []}
+    cpu: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(rounds):
+        for one_call in (True, False):
+            ours.one_call = one_call
+            ours._prefixes.clear()
+            t0, c0 = time.perf_counter(), time.process_time()
+            ours.generate(prompts, params)
+            wall[one_call].append(time.perf_counter() - t0)
+            cpu[one_call].append(time.process_time() - c0)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    for k, label in ((True, "one C call per step (sgemm)"), (False, "C kernels, matmuls from Python")):
+        print(f"  {label}: wall median {med(wall[k]):.3f}s of {', '.join(f'{t:.3f}' for t in wall[k])}; "
+              f"CPU median {med(cpu[k]):.3f}s of {', '.join(f'{t:.3f}' for t in cpu[k])}")
+    for name, t in (("wall", wall), ("CPU", cpu)):
+        ratio = med([a / b for a, b in zip(t[True], t[False])])
+        print(f"one call / C kernels, median of per-round {name} ratios: {ratio:.3f} "
+              f"(one call saves {100 * (1 - ratio):.1f}%; noisy on a shared machine)")
+
+
+def _random_model(arch: str, like: Path, folder: Path) -> Path:
+    """A causal LM of `arch` with `like`'s width, depth, heads and vocabulary, random weights,
+    and `like`'s byte tokenizer files, saved in `folder`."""
+    import json
+    import shutil
+
+    import transformers
+
+    c = json.loads((like / "config.json").read_text())
+    common = {"vocab_size": c["vocab_size"], "bos_token_id": 256, "eos_token_id": 256}
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=c["hidden_size"], n_layer=c["num_hidden_layers"],
+                                      n_head=c["num_attention_heads"], n_positions=c["max_position_embeddings"],
+                                      initializer_range=0.2, **common)
+    else:
+        cfg = transformers.GPTNeoXConfig(hidden_size=c["hidden_size"], num_hidden_layers=c["num_hidden_layers"],
+                                         num_attention_heads=c["num_attention_heads"],
+                                         intermediate_size=4 * c["hidden_size"], rotary_pct=0.25,
+                                         max_position_embeddings=c["max_position_embeddings"],
+                                         initializer_range=0.2, **common)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(like / name, folder / name)
+    return folder
+
+
+def transformers_backend(args) -> None:
+    """passuntil's transformers backend against generate(num_return_sequences) (see module doc)."""
+    import tempfile
+
+    from passuntil.backends.hf import TransformersSampler
+
+    like = BUNDLED / (args.model or "tiny-7")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = like if args.arch == "llama" else _random_model(args.arch, like, Path(tmp))
+        ours = TransformersSampler(str(folder), device=args.device, dtype=args.dtype)
+        tasks = [get_task(t) for t in args.tasks.split(",")]
+        prompts = [t.prompt(t.instances[0]) for t in tasks]
+        params = [SamplingParams(n=args.n, seed=1, stop=t.stop, max_tokens=args.max_tokens or t.max_new_tokens)
+                  for t in tasks]
+        ours.generate(prompts, [SamplingParams(n=4, seed=0, stop=p.stop, max_tokens=p.max_tokens) for p in params])
+        t0 = time.perf_counter()
+        mine = ours.generate(prompts, params)
+        ours_s = time.perf_counter() - t0
+        hf, theirs = ours.model, []
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for prompt, sp in zip(prompts, params):
+                ids = torch.tensor([ours._prompt_ids(prompt, sp.max_tokens)], device=args.device)
+                gen = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
+                                  temperature=1.0, max_new_tokens=sp.max_tokens, num_return_sequences=sp.n,
+                                  pad_token_id=256, eos_token_id=256)
+                theirs.append(gen[:, ids.shape[1]:].tolist())
+        hf_s = time.perf_counter() - t0
+        n_samples = sum(sp.n for sp in params)
+        print(f"{args.arch} ({folder.name if args.arch == 'llama' else 'random weights, tiny-7 shape'}): "
+              f"{len(prompts)} prompts x {args.n} samples; threads {torch.get_num_threads()}")
+        print(f"  passuntil TransformersSampler: {n_samples / ours_s:,.0f} samples/s ({ours_s:.2f}s; "
+              f"{ours.row_steps:,} row-steps)")
+        print(f"  transformers generate:        {n_samples / hf_s:,.0f} samples/s ({hf_s:.2f}s)")
+        print(f"speed-up {hf_s / ours_s:.1f}x (target >= 5x)")
+        for task, prompt, sp, a, b in zip(tasks, prompts, params, mine, theirs):
+            ids = torch.tensor([ours._prompt_ids(prompt, sp.max_tokens)], device=args.device)
+            with torch.no_grad():
+                top = int(hf(ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax())
+            x = sum(bool(c.token_ids) and c.token_ids[0] == top for c in a)
+            y = sum(row[0] == top for row in b)
+            line = f"  {task.name}: first token = likeliest in {x}/{sp.n} (ours) vs {y}/{sp.n} (generate), " \
+                   f"z = {_z(x, y, sp.n):+.1f}"
+            if args.arch == "llama":
+                refs = task.instances[0].references
+                x = sum(c.text in refs for c in a)
+                y = sum(decode(row).split(sp.stop[0])[0] in refs if sp.stop else decode(row) in refs for row in b)
+                line += f"; passes {x} vs {y}, z = {_z(x, y, sp.n):+.1f}"
+            print(line)
+
+
+def _z(x: int, y: int, n: int) -> float:
+    """Two-proportion z statistic of x/n against y/n."""
+    p = (x + y) / (2 * n)
+    return 0.0 if p in (0.0, 1.0) else (x - y) / n / (2 * p * (1 - p) / n) ** 0.5
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ server this project did not write (`transformers serve`, started and stopped by 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -97,16 +98,17 @@ def transformers_server():
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
+        deadline = time.monotonic() + 180  # bounded; a loaded CI machine starts it slowly
+        while True:
             try:
-                urllib.request.urlopen(url + "/health", timeout=1).read()
+                urllib.request.urlopen(url + "/health", timeout=2).read()
                 break
             except OSError:
                 if proc.poll() is not None:
                     pytest.fail("transformers serve exited at start")
+                if time.monotonic() > deadline:
+                    pytest.fail("transformers serve did not come up in 180 s")
                 time.sleep(0.5)
-        else:
-            pytest.fail("transformers serve did not come up in 60 s")
         yield url + "/v1"
     finally:
         proc.terminate()
@@ -115,9 +117,49 @@ def transformers_server():
 
 def test_openai_client_against_a_real_server(transformers_server, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
-    sampler = OpenAICompatSampler(transformers_server, str(TINY4), concurrency=2)
-    # This server ignores `n` and seeds are per process, so reproducibility is not asserted.
-    check_contract(sampler, reproducible=False)
+    sampler = OpenAICompatSampler(transformers_server, str(TINY4), concurrency=1)
+    # The server seeds torch globally per request: reproducible when requests do not overlap.
+    check_contract(sampler)
+    # It samples only through `generation_config` (temperature alone is greedy) and ignores n.
+    assert sampler.generation_config is True
+    assert len(sampler.warnings) == 1 and "ignores n" in sampler.warnings[0]
+
+
+def test_transformers_serve_samples_the_models_distribution(transformers_server):
+    """The first digit of 40 samples at temperature 1 against the model's own probability of it
+    (0.424, from the built-in sampler): greedy decoding (the old behaviour) gives 40 of 40."""
+    from scipy.stats import binomtest
+
+    from passuntil.backends.torch_backend import TorchSampler
+
+    task = get_task("arith")
+    prompt = task.prompt(task.instances[0])
+    p_one = TorchSampler.from_folder(str(TINY4), name="tiny-4").score([prompt], ["1"])[0].logprob
+    sampler = OpenAICompatSampler(transformers_server, str(TINY4), concurrency=1)
+    out = sampler.generate([prompt], [SamplingParams(n=40, temperature=1.0, max_tokens=1, seed=3)])
+    firsts = [c.text[:1] for c in out[0]]
+    ones = firsts.count("1")
+    assert math.exp(p_one) == pytest.approx(0.424, abs=0.01)
+    assert binomtest(ones, 40, math.exp(p_one)).pvalue > 1e-4, (ones, firsts)
+    assert len(set(firsts)) >= 4
+
+
+def test_transformers_serve_temperature_alone_is_caught_and_recorded(transformers_server, capsys):
+    """With plain OpenAI fields only, this server decodes greedily: the probe says so, once."""
+    sampler = OpenAICompatSampler(transformers_server, str(TINY4), server="openai", concurrency=1)
+    params = [SamplingParams(n=4, temperature=1.0, max_tokens=4, stop=("\n",), seed=1)]
+    texts = [c.text for o in sampler.generate(["47+85="] * 2, params * 2) for c in o]
+    assert len(set(texts)) == 1 and sampler.generation_config is False
+    assert any("ignores temperature" in w for w in sampler.warnings)
+    assert capsys.readouterr().err.count("ignores temperature") == 1
+
+
+def test_transformers_serve_cannot_score_so_scoring_is_unavailable(transformers_server):
+    from passuntil.backends.base import ScoringUnavailable
+
+    sampler = OpenAICompatSampler(transformers_server, str(TINY4), backoff_s=0.01)
+    with pytest.raises(ScoringUnavailable, match="HTTP 500"):
+        sampler.score(["47+85="], ["132"])
 
 
 def test_openai_client_errors_are_one_line():
@@ -181,7 +223,7 @@ def test_openai_client_retries_limits_concurrency_and_keeps_the_key_secret(tmp_p
     server = _FlakyServer()
     monkeypatch.setenv("MY_KEY", "sk-secret-123")
     sampler = OpenAICompatSampler(server.url, "m", api_key_env="MY_KEY", concurrency=2,
-                                  backoff_s=0.01, logprobs=True)
+                                  backoff_s=0.01, logprobs=True, check_sampling=False)
     outs = sampler.generate(["a", "b", "c", "d"], [SamplingParams(n=3, stop=("\n",), seed=1)] * 4)
     assert [[c.text for c in o] for o in outs] == [["42"] * 3] * 4  # server ignores n: re-asked
     assert outs[0][0].finish_reason == "stop" and outs[0][0].cumulative_logprob == -0.75

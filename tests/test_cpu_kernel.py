@@ -1,8 +1,10 @@
 """The compiled CPU kernels against plain PyTorch, and the sampler with them against without."""
 
+import ctypes
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,3 +165,79 @@ def test_whole_step_in_one_call_equals_the_layer_by_layer_step(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "blas_sgemm", lambda: None)
     by_layer = [[c.text for c in o] for o in TorchSampler.from_folder(SMALL).generate(prompts, params)]
     assert sum(a == b for x, y in zip(one_call, by_layer) for a, b in zip(x, y)) >= 0.99 * 300
+
+
+def _fake_sgemm(int_type, *, wrong: str = ""):
+    """A BLAS sgemm_ in Python for the one call the kernel makes (C = alpha A^T B + beta C,
+    column-major), reading its integers as `int_type` (c_int32: LP64, c_int64: ILP64); `wrong` =
+    "beta" ignores beta, "overrun" also zeroes the column after C."""
+    P = ctypes.POINTER
+    f32p, ip = P(ctypes.c_float), P(int_type)
+    proto = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ip, ip, ip, f32p, f32p, ip, f32p, ip, f32p,
+                             f32p, ip)
+
+    def gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+        assert (ta, tb) == (b"T", b"N")
+        m, n, k, lda, ldb, ldc = (v[0] for v in (m, n, k, lda, ldb, ldc))
+        A = np.ctypeslib.as_array(a, (m * lda,)).reshape(m, lda)[:, :k]  # op(A) = A^T: (m, k)
+        B = np.ctypeslib.as_array(b, (n * ldb,)).reshape(n, ldb)[:, :k].T  # (k, n)
+        C = np.ctypeslib.as_array(c, (n * ldc + ldc,))  # one column past the end, for "overrun"
+        Cv = C[: n * ldc].reshape(n, ldc)[:, :m].T  # (m, n) view
+        Cv[:] = alpha[0] * A @ B + (0.0 if wrong == "beta" else beta[0]) * Cv
+        if wrong == "overrun":
+            C[n * ldc:] = 0.0
+
+    fn = proto(gemm)
+    return fn, ctypes.cast(fn, ctypes.c_void_p).value
+
+
+@needs_kernel
+def test_sgemm_self_test_accepts_both_integer_widths_and_refuses_a_wrong_blas(monkeypatch, capsys):
+    """The one-call step's integer arguments read right as 32-bit (LP64) and as 64-bit (ILP64)
+    ints; a BLAS that computes something else, or writes past its output, is refused at load
+    time: the step then runs kernel by kernel, the fingerprint says so, stderr says so once."""
+    keep = []
+    for int_type in (ctypes.c_int32, ctypes.c_int64):
+        fn, addr = _fake_sgemm(int_type)
+        keep.append(fn)
+        assert cpu_kernel.self_test(addr) == ""
+    for wrong, message in (("beta", "differs from torch.mm"), ("overrun", "wrote outside")):
+        fn, addr = _fake_sgemm(ctypes.c_int32, wrong=wrong)
+        keep.append(fn)
+        assert message in cpu_kernel.self_test(addr)
+    monkeypatch.setattr(cpu_kernel, "self_test", lambda addr: "sgemm self-test: differs from torch.mm")
+    monkeypatch.setattr(cpu_kernel, "_said", [])
+    cpu_kernel._sgemm.cache_clear()
+    try:
+        assert cpu_kernel.blas_sgemm() is None
+        assert cpu_kernel.kernel_path() == "c-kernels (sgemm self-test: differs from torch.mm)"
+        sampler = TorchSampler.from_folder(SMALL)
+        TorchSampler.from_folder(SMALL)
+        assert sampler._plan((True, None, None, (None, None)), [], [], 1) is None
+        err = capsys.readouterr().err
+        assert err.count("runs on c-kernels (sgemm self-test: differs from torch.mm)") == 1
+    finally:
+        monkeypatch.undo()
+        cpu_kernel._sgemm.cache_clear()
+
+
+def test_without_a_compiler_eval_runs_says_so_once_and_records_the_path(tmp_path):
+    """PATH without cc: `passuntil eval` samples in PyTorch, prints one line naming that path,
+    and records it in the run's sampler fingerprint."""
+    import json
+    import sqlite3
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "PASSUNTIL_NO_KERNEL")}
+    env.update(PATH=str(tmp_path), PASSUNTIL_DATA=str(tmp_path / "data"))
+    store = tmp_path / "k.sqlite"
+    done = subprocess.run([str(Path(sys.executable).with_name("passuntil")), "eval", "--task", "arith", "--model",
+                           "tiny-2", "--store", str(store), "--max-samples", "4", "--limit", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    said = [ln for ln in done.stderr.splitlines() if "runs on" in ln]
+    assert said == ["passuntil: the built-in CPU sampler runs on pytorch (no C compiler (cc or $CC)), "
+                    "not its fastest path"]
+    config = json.loads(sqlite3.connect(store).execute("SELECT config_json FROM runs").fetchone()[0])
+    assert config["samplers"]["tiny-2"]["kernel"] == "pytorch (no C compiler (cc or $CC))"

@@ -227,3 +227,74 @@ def test_cuda_sampler_agrees_with_cpu(sampler):
         sampler.exact_pass_probability("12+5=", ["17"], exact), rel=1e-3)
     assert gpu.score(["12+5="], ["17"])[0].token_logprobs == pytest.approx(
         sampler.score(["12+5="], ["17"])[0].token_logprobs, abs=1e-4)
+
+
+def _modified_checkpoint(tmp_path, change: str) -> Path:
+    """A copy of tiny-2 changed the one way the built-in sampler cannot run."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / change
+    shutil.copytree(BUNDLED / "tiny-2", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    if change == "untied-head":
+        state = load_file(str(folder / "model.safetensors"))
+        state["lm_head.weight"] = state["model.embed_tokens.weight"] * 1.5
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        cfg["tie_word_embeddings"] = False
+    elif change == "gqa":  # one key/value head (the first one's weights) for the two query heads
+        state = load_file(str(folder / "model.safetensors"))
+        for name in [n for n in state if n.endswith(("k_proj.weight", "v_proj.weight"))]:
+            state[name] = state[name][: cfg["head_dim"]].contiguous()
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        cfg["num_key_value_heads"] = 1
+    elif change == "rope-scaling":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    elif change == "bpe-tokenizer":
+        tok = json.loads((folder / "tokenizer.json").read_text())
+        tok["model"]["vocab"]["Ġt"] = 257
+        tok["model"]["merges"] = [["Ġ", "t"]]
+        (folder / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("change, said", [
+    ("untied-head", "an untied LM head"), ("gqa", "grouped-query attention (1 key/value heads for 2"),
+    ("rope-scaling", "RoPE scaling"), ("bpe-tokenizer", "a BPE tokenizer with 257 tokens and 1 merges")])
+def test_checkpoints_it_cannot_run_are_refused_in_one_line(tmp_path, capsys, change, said):
+    """Untied head, grouped-query attention, RoPE scaling, a tokenizer with merges: the old
+    loader ran them silently wrong (head dropped, k/v heads or scaling ignored, bytes encoded);
+    now `passuntil eval` says which and points to the transformers backend, in one line, and
+    transformers still loads the same folder."""
+    from conftest import run_cli
+
+    folder = _modified_checkpoint(tmp_path, change)
+    series = tmp_path / "s.toml"
+    series.write_text(f'[[models]]\nname = "m"\nn_params = 23712\nbackend = "torch"\npath = "{folder}"\n')
+    code, _, err = run_cli(capsys, "eval", "--task", "arith", "--series", str(series), "--store",
+                           str(tmp_path / "r.sqlite"), "--max-samples", "2", "--limit", "1")
+    line = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(line) == 1 and said in line[0] and 'backend = "transformers"' in line[0], err
+    assert "Traceback" not in err
+    if change != "bpe-tokenizer":  # (the vocabulary grew past the embedding: transformers refuses that too)
+        transformers = pytest.importorskip("transformers")
+        transformers.AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_the_bundled_series_is_accepted():
+    for folder in sorted(BUNDLED.glob("tiny-*")):
+        torch_backend.refuse_unsupported(folder)
+
+
+def test_a_token_budget_that_fills_the_context_is_refused_in_one_line(sampler):
+    """`max_tokens` equal to the context (lm-eval's default 256 on the tiny series) used to keep
+    the whole prompt (`ids[-0:]`) and run past the model's positions."""
+    context = sampler.model.cfg.max_position_embeddings
+    for max_tokens in (context, context + 10):
+        with pytest.raises(UserError, match="leave no room for the prompt"):
+            sampler.generate(["12+34="], [SamplingParams(n=2, max_tokens=max_tokens, seed=0)])
+    out = sampler.generate(["12+34="], [SamplingParams(n=2, max_tokens=context - 8, stop=("\n",), seed=0)])
+    assert len(out[0]) == 2

@@ -263,11 +263,23 @@ int gather_rows(const float *src, float *dst, const int64_t *src_rows, int64_t n
 typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *, const float *,
                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
 
-/* y (n, N) = x (n, K) . w^T + beta * y, for w (N, K) row-major */
+/* y (n, N) = x (n, K) . w^T + beta * y, for w (N, K) row-major.
+   The integer arguments live in zero-extended 64-bit slots: an LP64 BLAS reads their low 32 bits,
+   which on a little-endian CPU are the value, and an ILP64 BLAS reads all 64, also the value, so
+   the call is right under either integer width (cpu_kernel.py refuses big-endian machines and
+   checks the result against torch.mm before first use: `gemm_check`). */
 static void linear(sgemm_t gemm, const float *x, const float *w, float *y, int64_t n, int64_t N, int64_t K, float beta) {
-    const int m_ = (int)N, n_ = (int)n, k_ = (int)K;
+    const int64_t m_ = N, n_ = n, k_ = K;
     const float one = 1.0f;
-    gemm("T", "N", &m_, &n_, &k_, &one, w, &k_, x, &k_, &beta, y, &m_);
+    gemm("T", "N", (const int *)&m_, (const int *)&n_, (const int *)&k_, &one, w, (const int *)&k_, x,
+         (const int *)&k_, &beta, y, (const int *)&m_);
+}
+
+/* `linear` alone, for the load-time self-test of the BLAS behind `gemm_fn` (cpu_kernel.py). */
+int gemm_check(void *gemm_fn, const float *x, const float *w, float *y, int64_t n, int64_t N, int64_t K, float beta) {
+    if (n < 1 || N < 1 || K < 1 || N > INT32_MAX || n > INT32_MAX || K > INT32_MAX) return 1;
+    linear((sgemm_t)gemm_fn, x, w, y, n, N, K, beta);
+    return 0;
 }
 
 int decode_step(void *gemm_fn, int64_t L, const int64_t *w, const float *head, float *x, float *norm, float *qkv,
@@ -276,7 +288,7 @@ int decode_step(void *gemm_fn, int64_t L, const int64_t *w, const float *head, f
                 const int64_t *plen, const int64_t *ks, const int64_t *vs, int64_t step, int64_t S, int64_t R,
                 int64_t H, int64_t d, int64_t T, int64_t M, float scale, int64_t threads) {
     sgemm_t gemm = (sgemm_t)gemm_fn;
-    if (S * R != n || H * d != C) return 1;
+    if (S * R != n || H * d != C || n > INT32_MAX || 3 * C > INT32_MAX || 2 * F > INT32_MAX || V > INT32_MAX) return 1;
     for (int64_t l = 0; l < L; l++) {
         rms_norm(x, norm, n, C, eps, threads);
         linear(gemm, norm, (const float *)w[4 * l], qkv, n, 3 * C, C, 0.0f);

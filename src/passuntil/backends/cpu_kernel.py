@@ -14,6 +14,14 @@ the source, the compiler and this CPU, so a shared home directory never hands on
 build to another CPU. Loaded after PyTorch, it
 shares PyTorch's OpenMP runtime and threads. Without a compiler, or with PASSUNTIL_NO_KERNEL=1,
 the sampler runs the same computation in PyTorch; `unavailable()` says why.
+
+The one-call step borrows the BLAS `sgemm_` that libtorch_cpu.so exports (MKL in the x86-64
+wheels): not a public PyTorch API. Its integer arguments are passed so that an LP64 and an ILP64
+BLAS both read them right (see `linear` in cpu_kernel.c), and before first use `blas_sgemm()`
+checks it against torch.mm on shapes where a wrong integer width, transposition or leading
+dimension would show; on any mismatch the step runs kernel by kernel instead. `kernel_path()`
+names the path in use (recorded in each run's sampler fingerprint), and a fallback from the
+fastest path is said once per process on stderr.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -83,6 +92,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
                        ("rms_norm", [ptr, ptr, i64, i64, f32, i64]),
                        ("silu_mul", [ptr, ptr, i64, i64, i64]),
                        ("gather_rows", [ptr, ptr, ptr] + [i64] * 7),
+                       ("gemm_check", [ptr] * 4 + [i64] * 3 + [f32]),
                        ("decode_step", [ptr, i64, ptr] + [ptr] * 8 + [i64] * 4 + [f32] + [ptr] * 8 + [i64] * 7
                         + [f32, i64])):
         getattr(dll, name).restype = ctypes.c_int
@@ -134,15 +144,76 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kp
         raise ValueError("decode_attention: head size and prefix length must be multiples of 16")
 
 
+# (n, N, K, beta) of the self-test's products y (n, N) = x (n, K) . w^T + beta * y: no two sizes
+# equal (a swapped or transposed argument shows), K > N (a leading dimension read as the other
+# size shows), odd sizes past a vector width, and beta = 1 (the accumulation the residual uses)
+SELF_TEST_SHAPES = ((3, 5, 7, 0.0), (37, 19, 113, 0.0), (64, 130, 33, 1.0), (1, 257, 112, 0.0))
+
+
 @functools.cache
-def blas_sgemm() -> int | None:
-    """The address of the BLAS `sgemm_` that PyTorch's CPU library exports (MKL in the x86-64
-    wheels), or None where it has none."""
+def _sgemm() -> tuple[int | None, str]:
+    """(address of a checked BLAS sgemm, "") or (None, why not)."""
+    if load() is None:
+        return None, unavailable()
+    if sys.byteorder != "little":
+        return None, "big-endian CPU"
     try:
-        return ctypes.cast(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).sgemm_,
+        addr = ctypes.cast(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).sgemm_,
                            ctypes.c_void_p).value
     except (OSError, AttributeError):
-        return None
+        return None, "this PyTorch exports no sgemm_"
+    why = self_test(addr)
+    return (addr, "") if not why else (None, why)
+
+
+def self_test(addr: int) -> str:
+    """Empty if the sgemm at `addr`, called as the one-call step calls it (`gemm_check`), equals
+    torch.mm on SELF_TEST_SHAPES without writing past its output; else what went wrong."""
+    g = torch.Generator().manual_seed(0)
+    for n, N, K, beta in SELF_TEST_SHAPES:
+        x, w = torch.randn(n, K, generator=g), torch.randn(N, K, generator=g)
+        y0 = torch.randn(n, N, generator=g)
+        guarded = torch.full((n + 2, N), 12345.0)  # a row of sentinels on each side of the output
+        guarded[1:-1] = y0
+        y = guarded[1:-1]
+        if load().gemm_check(addr, x.data_ptr(), w.data_ptr(), y.data_ptr(), n, N, K, beta):
+            return f"sgemm self-test: shape {(n, N, K)} refused"
+        want = torch.mm(x, w.T) + beta * y0
+        if not (guarded[0] == 12345.0).all() or not (guarded[-1] == 12345.0).all():
+            return f"sgemm self-test: wrote outside its output at shape {(n, N, K)}"
+        if not torch.allclose(y, want, rtol=1e-4, atol=1e-4):
+            return f"sgemm self-test: differs from torch.mm at shape {(n, N, K)}"
+    return ""
+
+
+def blas_sgemm() -> int | None:
+    """The address of the BLAS `sgemm_` that PyTorch's CPU library exports (MKL in the x86-64
+    wheels) once it passed `self_test`, or None (`kernel_path()` says why)."""
+    return _sgemm()[0]
+
+
+def kernel_path() -> str:
+    """The path a float32 CPU step of a SiLU-gated model takes on this machine, as recorded in a
+    run's sampler fingerprint: "c-onecall+mkl-sgemm" (or "+blas-sgemm": the whole step in one C
+    call), "c-kernels (why not one call)" (C attention, norms and SiLU, matmuls in PyTorch), or
+    "pytorch (why no C)"."""
+    addr, why = _sgemm()
+    if addr is not None:
+        return "c-onecall+" + ("mkl" if torch.backends.mkl.is_available() else "blas") + "-sgemm"
+    return f"c-kernels ({why})" if load() is not None else f"pytorch ({unavailable()})"
+
+
+def announce(path: str) -> None:
+    """Say on stderr, once per process, that a float32 CPU sampler fell back from its fastest path
+    (`path` names why in parentheses; plain "pytorch", bf16 or CUDA, is no fallback). Not when
+    PASSUNTIL_NO_KERNEL=1 asked for it: that choice is recorded with the run all the same."""
+    fallback = "(" in path and not path.startswith("c-onecall")
+    if fallback and os.environ.get("PASSUNTIL_NO_KERNEL") != "1" and not _said:
+        _said.append(path)
+        print(f"passuntil: the built-in CPU sampler runs on {path}, not its fastest path", file=sys.stderr)
+
+
+_said: list[str] = []
 
 
 class DecodePlan:

@@ -1,82 +1,335 @@
 """The `transformers` backend: any local causal-LM folder through `AutoModelForCausalLM`.
 
-Use it for architectures the built-in sampler does not implement; for Llama-shaped models the
-built-in sampler (shared-prefix KV cache, rows leave at their stop) is several times faster
-(benchmarks/sampling.py). Sampling runs `generate(num_return_sequences=n)` per prompt, seeded
-per request from (seed, first sample index), so a request repeats exactly; stop sequences are
-applied to the decoded text. `score` is one teacher-forced forward pass per pair.
+For checkpoints the built-in sampler does not run (another architecture, grouped-query
+attention, RoPE scaling, an untied head, a BPE or SentencePiece tokenizer). It decodes as the
+built-in sampler does, through the model's own forward pass:
+
+* each distinct prompt of a call is prefilled once (batch 1); its KV cache is copied into the
+  rows of all its samples (left-padded to the longest prompt of the chunk, hidden by an explicit
+  attention mask, positions given per row), so prompts of any length decode together;
+* a row leaves the batch the step it emits an end-of-sequence token, completes a stop sequence
+  or reaches max_tokens (its cache rows are dropped with it);
+* sample j of a request is draw `first_sample + j` of the stream named by `seed`: the token at
+  step t is the inverse CDF of the sampling distribution (`sampling_distribution`, the built-in
+  sampler's) at a uniform that is a hash of (seed, first_sample + j, t) (passuntil.seeding). So
+  a sample's text does not depend on the batch size, the chunking or what else is decoded with
+  it (up to float rounding at a CDF boundary), and on a bundled checkpoint it is, to the same
+  rounding, the text the built-in sampler draws.
+
+Stop sequences are checked while decoding: a row's text is decoded again only when the new
+token's own text holds the last character of one of its stops (or a partial UTF-8 character),
+then cut at the first stop, as `truncate_at_stop` cuts it. `score` splits prompt and
+continuation as lm-eval's `_encode_pair` does: trailing whitespace of the prompt moves to the
+continuation, the continuation's tokens are those of the whole text past the prompt's.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
+
+import numpy as np
 
 from passuntil.backends.base import Completion, SamplingParams, TokenScores, truncate_at_stop
 from passuntil.errors import UserError
-from passuntil.seeding import derive_seed
+from passuntil.seeding import row_keys, step_uniforms
 
 
 class TransformersSampler:
+    """Sampler over a transformers causal LM (see module docstring). `chunk` bounds the rows
+    decoded together; fewer when their KV caches would pass `cache_bytes` (2 GiB on a CPU, a
+    quarter of the device's memory on a GPU)."""
+
     def __init__(self, path: str, *, name: str | None = None, device: str = "cpu",
-                 dtype: str = "float32", chunk: int = 256):
+                 dtype: str = "float32", chunk: int = 1024, cache_bytes: int | None = None):
         try:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as err:
-            raise UserError(f"the transformers backend needs `pip install transformers` ({err})"
-                            ) from None
+            raise UserError(f"the transformers backend needs `pip install transformers` ({err})") from None
         self.torch = torch
         self.name = name or path
         self.device = device
         self.chunk = chunk
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=getattr(torch, dtype)).to(device).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
         except (OSError, ValueError) as err:
-            raise UserError(f"cannot load {path} with transformers: {str(err).splitlines()[0]}"
-                            ) from None
+            raise UserError(f"cannot load {path} with transformers: {str(err).splitlines()[0]}") from None
+        cfg, gen = self.model.config, self.model.generation_config
+        eos = [gen.eos_token_id, cfg.eos_token_id, self.tokenizer.eos_token_id]
+        self.eos = sorted({e for x in eos if x is not None for e in (x if isinstance(x, list) else [x])})
+        if not self.eos:
+            raise UserError(f"{path}: no eos_token_id in its config or tokenizer")
+        self.bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos[0]
+        self.context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        accepts = inspect.signature(self.model.forward).parameters
+        self._positions = "position_ids" in accepts
+        self._cache_arg = "cache" if "cache" in accepts else "past_key_values"  # renamed in transformers 5.2x
+        if cache_bytes is None:
+            on_cpu = torch.device(device).type == "cpu"
+            cache_bytes = 2 << 30 if on_cpu else torch.cuda.get_device_properties(device).total_memory // 4
+        self.cache_bytes = cache_bytes
+        self._pieces: list[str] | None = None
+        self.row_steps = 0  # rows x decoding steps computed
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams]
-                 ) -> list[list[Completion]]:
+    def _prompt_ids(self, prompt: str, max_tokens: int) -> list[int]:
+        """The prompt's tokens, the oldest cut so that max_tokens more fit the context; an empty
+        prompt is the BOS (or EOS) token, as lm-eval conditions on nothing."""
+        ids = self._ids(prompt) or [self.bos]
+        if self.context and len(ids) > self.context - max_tokens:
+            ids = ids[len(ids) - max(1, self.context - max_tokens):]
+        return ids
+
+    # generation -------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> list[list[Completion]]:
+        """Rows are decoded in chunks of at most `chunk` rows, requests in order of prompt length;
+        a chunk is cut early where the next prompt is over twice (+16 tokens) the chunk's shortest,
+        since every row of a chunk attends over the chunk's longest prompt (left padding)."""
+        out: list[list[Completion | None]] = [[None] * sp.n for sp in params]
+        ids = {r: self._prompt_ids(p, sp.max_tokens) for r, (p, sp) in enumerate(zip(prompts, params, strict=True))}
+        if not ids:
+            return out  # type: ignore[return-value]
+        longest = max(len(i) for i in ids.values()) + max(sp.max_tokens for sp in params)
+        per_row = max(1, self._kv_bytes_per_token() * longest * 2)  # x2: the copy a repack makes
+        size = max(1, min(self.chunk, self.cache_bytes // per_row))
+        rows: list[tuple[int, int]] = []
+        for r in sorted(ids, key=lambda r: len(ids[r])):
+            if rows and len(ids[r]) > 2 * len(ids[rows[0][0]]) + 16:
+                self._decode(rows, ids, params, out)
+                rows = []
+            for j in range(params[r].n):
+                rows.append((r, j))
+                if len(rows) == size:
+                    self._decode(rows, ids, params, out)
+                    rows = []
+        if rows:
+            self._decode(rows, ids, params, out)
+        return out  # type: ignore[return-value]
+
+    def _kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token takes in this model (measured once on a one-token prefill)."""
+        if not hasattr(self, "_kv_per_token"):
+            with self.torch.inference_mode():
+                cache = _cache_of(self.model(input_ids=self.torch.tensor([[self.bos]], device=self.device),
+                                             attention_mask=self.torch.ones(1, 1, dtype=self.torch.long,
+                                                                            device=self.device), use_cache=True))
+            self._kv_per_token = sum(t.numel() * t.element_size() for k, v in _layers(cache) for t in (k, v))
+        return self._kv_per_token
+
+    def _decode(self, rows: list[tuple[int, int]], ids: dict[int, list[int]], params, out) -> None:
+        """Decode one chunk of rows (request, sample index) to its end; results into `out`."""
         torch = self.torch
-        out = []
-        for prompt, sp in zip(prompts, params, strict=True):
-            ids = torch.tensor([self._ids(prompt)], device=self.device)
-            texts: list[Completion] = []
-            while len(texts) < sp.n:
-                n = min(self.chunk, sp.n - len(texts))
-                torch.manual_seed(derive_seed(sp.seed or 0, "hf", sp.first_sample + len(texts)))
-                greedy = sp.temperature == 0
-                kwargs = {} if greedy else {"temperature": sp.temperature, "top_p": sp.top_p,
-                                            "top_k": sp.top_k or 0}
-                with torch.no_grad():
-                    gen = self.model.generate(
-                        ids.expand(n, -1), do_sample=not greedy, max_new_tokens=sp.max_tokens,
-                        pad_token_id=self.tokenizer.eos_token_id, **kwargs)
-                for row in gen[:, ids.shape[1]:].tolist():
-                    eos = self.tokenizer.eos_token_id
-                    hit_eos = eos in row
-                    row = row[: row.index(eos)] if hit_eos else row
-                    text, stopped = truncate_at_stop(self.tokenizer.decode(row), sp.stop)
-                    texts.append(Completion(len(texts), text, tuple(row),
-                                            "stop" if stopped or hit_eos else "length"))
-            out.append(texts)
-        return out
+        from transformers import DynamicCache
+
+        from passuntil.backends.torch_backend import sampling_distribution
+
+        dev = self.device
+        with torch.inference_mode():
+            # each distinct prompt prefilled once, its cache left-padded to T and copied to its rows
+            requests = list(dict.fromkeys(r for r, _ in rows))
+            distinct = list(dict.fromkeys(tuple(ids[r]) for r in requests))
+            which = {r: distinct.index(tuple(ids[r])) for r in requests}
+            T = max(len(p) for p in distinct)
+            caches, first = [], []
+            for p in distinct:
+                o = self.model(input_ids=torch.tensor([p], device=dev),
+                               attention_mask=torch.ones(1, len(p), dtype=torch.long, device=dev), use_cache=True)
+                caches.append([tuple(torch.nn.functional.pad(t, (0, 0, T - len(p), 0)) for t in kv)
+                               for kv in _layers(_cache_of(o))])
+                first.append(o.logits[0, -1].float())
+            src = torch.tensor([which[r] for r, _ in rows], device=dev)
+            max_new = max(params[r].max_tokens for r in requests)
+            cache = _new_cache(DynamicCache, [(torch.cat([c[li][0] for c in caches])[src],
+                                               torch.cat([c[li][1] for c in caches])[src]) for li in range(len(caches[0]))],
+                               T + max_new)
+            plen = torch.tensor([len(distinct[which[r]]) for r, _ in rows], device=dev)
+            mask = (torch.arange(T, device=dev)[None, :] >= (T - plen)[:, None]).long()
+            logits = torch.stack(first)[src]
+            sp = [params[r] for r, _ in rows]
+            keys = np.concatenate([row_keys(s.seed or 0, np.array([s.first_sample + j])) for s, (_, j) in zip(sp, rows)])
+            col = lambda f, dt: torch.tensor([f(s) for s in sp], dtype=dt, device=dev)  # noqa: E731
+            temp, topk, topp = col(lambda s: s.temperature, torch.float32), col(lambda s: s.top_k, torch.long), \
+                col(lambda s: s.top_p, torch.float32)
+            filtered = (topk > 0) | (topp < 1) | (temp <= 0)
+            live = list(range(len(rows)))  # the chunk's row of each batch row
+            tokens: list[list[int]] = [[] for _ in rows]
+            eos = torch.tensor(self.eos, device=dev)
+            for step in range(max(s.max_tokens for s in sp)):
+                tok = self._draw(logits, temp, topk, topp, filtered, keys, step, sampling_distribution)
+                ended = torch.isin(tok, eos).tolist()
+                for b, (i, t, end) in enumerate(zip(live, tok.tolist(), ended)):
+                    if i < 0:  # finished earlier, not yet repacked away
+                        continue
+                    if not end:
+                        tokens[i].append(t)
+                    if end or self._stopped(tokens[i], t, sp[i].stop):
+                        self._finish(out, rows[i], tokens[i], "stop", sp[i].stop)
+                    elif len(tokens[i]) >= sp[i].max_tokens:
+                        self._finish(out, rows[i], tokens[i], "length", sp[i].stop)
+                    else:
+                        continue
+                    live[b] = -1
+                keep = [b for b, i in enumerate(live) if i >= 0]
+                if not keep:
+                    return
+                if 4 * len(keep) <= 3 * len(live):  # finished rows leave the batch, with their cache rows
+                    idx = torch.tensor(keep, device=dev)
+                    cache.batch_select_indices(idx)
+                    live = [live[b] for b in keep]
+                    mask, plen, tok, temp, topk, topp, filtered = (
+                        t[idx] for t in (mask, plen, tok, temp, topk, topp, filtered))
+                    keys = keys[keep]
+                mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+                kwargs = {"position_ids": (plen + step)[:, None]} if self._positions else {}
+                kwargs[self._cache_arg] = cache
+                logits = self.model(input_ids=tok[:, None], attention_mask=mask, use_cache=True,
+                                    **kwargs).logits[:, -1].float()
+                self.row_steps += len(live)
+
+    def _draw(self, logits, temp, topk, topp, filtered, keys: np.ndarray, step: int, sampling_distribution):
+        """Each row's token at `step`: the inverse CDF of its sampling distribution at its own
+        uniform draw (as the built-in sampler draws)."""
+        torch = self.torch
+        probs = (logits / temp.clamp_min(1e-6)[:, None]).softmax(dim=-1)
+        if bool(filtered.any()):
+            probs[filtered] = sampling_distribution(logits[filtered], temp[filtered], topk[filtered], topp[filtered])
+        u = torch.from_numpy(step_uniforms(keys, step)).to(probs.device, probs.dtype)
+        cdf = probs.cumsum(dim=-1)
+        return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0].clamp_max(probs.shape[-1] - 1)
+
+    def _stopped(self, row: list[int], token: int, stops: Sequence[str]) -> bool:
+        """Whether the row's text now holds a stop sequence. Decoded again only when the new
+        token's own text could have completed one (it holds a stop's last character, or is part
+        of a multi-byte character); the final text is cut at the first stop in any case."""
+        stops = [s for s in stops if s]
+        if not stops:
+            return False
+        if self._pieces is None:
+            self._pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+        piece = self._pieces[token] if token < len(self._pieces) else "\ufffd"
+        if "\ufffd" not in piece and not any(s[-1] in piece for s in stops):
+            return False
+        text = self.tokenizer.decode(row)
+        return any(s in text for s in stops)
+
+    def _finish(self, out, row: tuple[int, int], tokens: list[int], reason: str, stops: Sequence[str]) -> None:
+        """Save a finished row: its text cut at the first stop sequence; "stop" for an end token
+        or a stop sequence, "length" for max_tokens."""
+        r, j = row
+        text, stopped = truncate_at_stop(self.tokenizer.decode(tokens), stops)
+        out[r][j] = Completion(j, text, tuple(tokens), "stop" if stopped or reason == "stop" else "length")
+
+    # scoring ------------------------------------------------------------------------------------
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context tokens, continuation tokens) as lm-eval's `_encode_pair` splits them: the
+        context's trailing whitespace moves to the continuation, and the continuation's tokens
+        are those of the whole text past the context's own encoding (so a token that spans the
+        boundary belongs to the continuation). An empty context is the BOS (or EOS) token."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        if not context:
+            return [self.bos], self._ids(continuation)
+        whole, ctx = self._ids(context + continuation), self._ids(context)
+        return ctx, whole[len(ctx):]
 
     def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[TokenScores]:
         torch = self.torch
         out = []
         for prompt, cont in zip(prompts, continuations, strict=True):
-            p = self._ids(prompt)
-            full = p + self._ids(cont)
-            with torch.no_grad():
-                logits = self.model(torch.tensor([full], device=self.device)).logits[0]
-            logp = torch.log_softmax(logits.float(), -1)
-            targets = torch.tensor(full[len(p):], device=self.device)
-            picked = logp[len(p) - 1: len(full) - 1].gather(1, targets[:, None])[:, 0]
+            ctx, cont_ids = self.encode_pair(prompt, cont)
+            full = (ctx + cont_ids)[-(self.context + 1):] if self.context else ctx + cont_ids
+            n = len(cont_ids)
+            if n == 0:
+                out.append(TokenScores(()))
+                continue
+            with torch.inference_mode():
+                logits = self.model(input_ids=torch.tensor([full[:-1]], device=self.device),
+                                    attention_mask=torch.ones(1, len(full) - 1, dtype=torch.long,
+                                                              device=self.device)).logits[0]
+            logp = torch.log_softmax(logits[len(full) - 1 - n:].float(), -1)
+            picked = logp.gather(1, torch.tensor(full[len(full) - n:], device=self.device)[:, None])[:, 0]
             out.append(TokenScores(tuple(picked.tolist())))
         return out
+
+
+def _cache_of(output):
+    """The KV cache a forward pass returned (`cache` since transformers 5.2x, `past_key_values` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _layers(cache) -> list[tuple]:
+    """(keys, values) of each layer of a transformers KV cache (B, heads, positions, head dim)."""
+    if hasattr(cache, "key_cache"):  # transformers 4.x
+        return list(zip(cache.key_cache, cache.value_cache, strict=True))
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(getattr(la, "keys", None) is not None for la in layers):
+        raise UserError("the transformers backend needs a model with a key/value cache per layer")
+    return [(la.keys, la.values) for la in layers]
+
+
+def _new_cache(cls, layers: list[tuple], capacity: int):
+    """A DynamicCache holding these (keys, values) per layer, with room for `capacity` positions."""
+    reserved = _reserved_layer()
+    if reserved is None:  # transformers 4.x: a step appends by concatenation
+        return cls.from_legacy_cache(tuple(layers))
+    cache = cls()
+    cache.layers = [reserved(k, v, capacity) for k, v in layers]
+    return cache
+
+
+@functools.cache
+def _reserved_layer():
+    """transformers' DynamicLayer in buffers allocated once for the whole decode: a step writes
+    its key and value in place, where DynamicLayer copies the whole cache (torch.cat) every step
+    (its cost grows with rows x context, and dominated decoding long prompts)."""
+    import torch
+
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return None
+
+    class ReservedLayer(DynamicLayer):
+        def __init__(self, keys, values, capacity: int):
+            super().__init__()
+            B, H, L, _ = keys.shape
+            self._k = keys.new_empty(B, H, max(capacity, L), keys.shape[-1])
+            self._v = values.new_empty(B, values.shape[1], max(capacity, L), values.shape[-1])
+            self._k[:, :, :L], self._v[:, :, :L] = keys, values
+            self.device, self.is_initialized, self._len = keys.device, True, L
+            self._views()
+
+        def _views(self):
+            self.keys, self.values = self._k[:, :, : self._len], self._v[:, :, : self._len]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n = key_states.shape[-2]
+            if self._len + n > self._k.shape[2]:  # past the reserved room: grow (not in a decode)
+                grow = lambda t: torch.cat([t, t.new_empty(*t.shape[:2], self._len + n, t.shape[-1])], 2)  # noqa: E731
+                self._k, self._v = grow(self._k), grow(self._v)
+            self._k[:, :, self._len: self._len + n] = key_states
+            self._v[:, :, self._len: self._len + n] = value_states
+            self._len += n
+            self._views()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            """Keep these rows: their filled positions copied into new buffers of the same room."""
+            def keep(t):
+                out = t.new_empty(len(indices), *t.shape[1:])
+                out[:, :, : self._len] = t[indices, :, : self._len]
+                return out
+
+            self._k, self._v = keep(self._k), keep(self._v)
+            self._views()
+
+    return ReservedLayer

@@ -21,6 +21,7 @@ it round after round, and fresh memory costs page faults.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from passuntil.errors import UserError
 from passuntil.models.checkpoint import load_checkpoint
 from passuntil.models.model import Transformer, rope_tables
 from passuntil.models.tokenizer import EOS_ID, encode
+from passuntil.models.tokenizer import _bytes_to_unicode as _byte_chars
 from passuntil.seeding import row_keys, step_uniforms
 
 # PyTorch's CPU flash-attention kernel, which returns the log-sum-exp as well (None where this
@@ -114,6 +116,19 @@ class TorchSampler:
         # per layer, as the decoding step's matmuls take them: x @ w
         self._layers = [(qkv.T, b.self_attn.o_proj.weight.T, gate_up.T, b.mlp.down_proj.weight.T, b.mlp.act)
                         for qkv, gate_up, b in zip(self._qkv, self._gate_up, layers)]
+        self.one_call = True  # whole steps in one C call where `kernel_path` allows (off: A/B benchmarks)
+        cpu_kernel.announce(self.kernel_path)
+
+    @property
+    def kernel_path(self) -> str:
+        """The path a decoding step takes (cpu_kernel.kernel_path() for a float32 CPU model)."""
+        cfg, w = self.model.cfg, self.model.embed_tokens.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32:
+            return "pytorch"
+        if cfg.head_dim % 16:
+            return "pytorch (head size not a multiple of 16)"
+        path = cpu_kernel.kernel_path()
+        return "c-kernels (GeLU gate)" if path.startswith("c-onecall") and cfg.hidden_act != "silu" else path
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, dtype: str = "float32", **kw) -> TorchSampler:
@@ -127,6 +142,7 @@ class TorchSampler:
         if unknown:
             raise UserError(f"unknown torch backend option(s) {sorted(unknown)}; known: "
                             f"{', '.join(['dtype', *sorted(known)])}")
+        refuse_unsupported(folder)
         model = load_checkpoint(folder).to(getattr(torch, dtype))
         return cls(model, name=kw.pop("name", Path(folder).name), **kw)
 
@@ -134,7 +150,12 @@ class TorchSampler:
 
     def _prompt_ids(self, prompt: str, max_tokens: int) -> list[int]:
         ids = encode(prompt)
-        room = self.model.cfg.max_position_embeddings - max_tokens
+        context = self.model.cfg.max_position_embeddings
+        room = context - max_tokens
+        if room < 1:  # ids[-0:] would keep the whole prompt and run past the positions
+            raise UserError(f"model {self.name!r}: {max_tokens} new tokens leave no room for the "
+                            f"prompt in its context of {context} positions; pass --max-tokens "
+                            f"below {context}")
         return ids[-room:] if len(ids) > room else ids
 
     @torch.no_grad()
@@ -186,38 +207,23 @@ class TorchSampler:
         """Decode one chunk: S segments of R rows, each segment the samples [start, start+n) of one
         request (rows past n are padding and are discarded).
 
-        A row's result is saved the step it finishes. When the live rows would fit in at most 3/4
-        of the segments, they are repacked: the live rows of each prompt are gathered into as few
-        segments as they fill (rows of one prompt share its prefix, so any of them can sit in any
-        of its segments), and the dead rows stop costing compute.
+        Scheduling only (rows, draws, stops, repacks); the numerics, caches and compute path are
+        a `Decoder`'s. A row's result is saved the step it finishes. When the live rows would fit
+        in at most 3/4 of the segments, they are repacked: the live rows of each prompt are
+        gathered into as few segments as they fill (rows of one prompt share its prefix, so any
+        of them can sit in any of its segments), and the dead rows stop costing compute.
         """
-        m, dev, cfg = self.model, self.device, self.model.cfg
-        S, H, d = len(chunk), cfg.num_attention_heads, cfg.head_dim
+        S = len(chunk)
         B = S * R
         max_new = max(params[r].max_tokens for r, _, _ in chunk)
-        # shared prefixes: each distinct prompt prefilled once, stacked and padded to T
         ids = [tuple(self._prompt_ids(prompts[r], params[r].max_tokens)) for r, _, _ in chunk]
-        distinct = list(dict.fromkeys(ids))
+        distinct = list(dict.fromkeys(ids))  # each distinct prompt prefilled once
         seg_prefix = torch.tensor([distinct.index(i) for i in ids])  # (S,) prompt of each segment
-        prefixes = [self._prefill(list(i)) for i in distinct]
-        plen_all = torch.tensor([len(i) for i in distinct])
-        T = int(plen_all.max())
-        dt = m.embed_tokens.weight.dtype
-        mask_all = torch.where(torch.arange(T)[None, :] < plen_all[:, None], 0.0,
-                               float("-inf")).to(dev, dt)[:, None, None, :]
-        pad = lambda t: F.pad(t, (0, 0, 0, T - t.shape[2]))  # noqa: E731
-        kp_all = [torch.cat([pad(p[0][li][0])[..., self._pairs] for p in prefixes]) for li in range(len(m.layers))]
-        vp_all = [torch.cat([pad(p[0][li][1]) for p in prefixes]) for li in range(len(m.layers))]
-        kernel = self._use_kernel()
-        if kernel:  # the C kernel reads each prefix in place: T padded to 16, keys transposed (P, H, d, T)
-            pad16 = lambda t: F.pad(t, (0, 0, 0, -T % 16))  # noqa: E731
-            kp_all = [pad16(k).transpose(-1, -2).contiguous() for k in kp_all]
-            vp_all = [pad16(v).contiguous() for v in vp_all]
+        decoder = Decoder(self, [self._prefill(list(i)) for i in distinct], seg_prefix, R, max_new)
+        logits = decoder.first_logits(seg_prefix)
+        dev = self.device
         # Bookkeeping (row state, stops, repacking) stays on the CPU; the model's tensors on `dev`.
-        prefix = self._segment_prefixes(kernel, seg_prefix, kp_all, vp_all, mask_all, plen_all)
-        plen = plen_all[seg_prefix]
-        logits = torch.stack([prefixes[i][1] for i in seg_prefix.tolist()]).repeat_interleave(R, dim=0)
-        # per-row sampling state; row_id is the row's place in the chunk's output (-1: padding)
+        # Per-row sampling state; row_id is the row's place in the chunk's output (-1: padding)
         keys = np.concatenate([row_keys(params[r].seed or 0, np.arange(params[r].first_sample + s0,
                                params[r].first_sample + s0 + R)) for r, s0, _ in chunk])
         per_row = lambda f, dt: torch.tensor([f(params[r]) for r, _, _ in chunk], dtype=dt).repeat_interleave(R)  # noqa: E731
@@ -242,22 +248,6 @@ class TorchSampler:
         final_tokens = torch.empty((B, max_new), dtype=torch.long)
         final_length = torch.zeros(B, dtype=torch.long)  # padding rows stay 0
         final_reason = torch.empty(B, dtype=torch.long)
-        if kernel:
-            # The C kernel's suffix caches, per (segment, head) the keys of all its rows for 4
-            # positions (each row's block transposed), then the next 4 (values: one position at
-            # a time), so a block of rows reads one run of memory per position block. Each cache
-            # has two buffers: a repack gathers the rows from one into the other.
-            half, Mk = 0, -(-max_new // 4)
-            k_buf = lambda li, h, S: self._scratch(("k", li, h), B * H * Mk * d * 4)[  # noqa: E731
-                : S * H * Mk * R * d * 4].view(S, H, Mk, R, d, 4)
-            v_buf = lambda li, h, S: self._scratch(("v", li, h), B * H * max_new * d)[  # noqa: E731
-                : S * H * max_new * R * d].view(S, H, max_new, R, d)
-            Ks = [k_buf(li, 0, S) for li in range(len(m.layers))]
-            Vs = [v_buf(li, 0, S) for li in range(len(m.layers))]
-        else:  # step-major (M, S, H, R, d): a step's keys are one contiguous slab
-            Ks = [torch.empty(max_new, S, H, R, d, device=dev, dtype=dt) for _ in m.layers]
-            Vs = [torch.empty(max_new, S, H, R, d, device=dev, dtype=dt) for _ in m.layers]
-        plan = self._plan(prefix, Ks, Vs, B)
         for step in range(max_new):
             if filtered:
                 probs = sampling_distribution(logits, temp, topk, topp)
@@ -297,18 +287,8 @@ class TorchSampler:
                 temp, topk, topp, limit = temp[src], topk[src], topp[src], limit[src]
                 stop_has = [h[src] for h in stop_has]
                 keys = keys[src.numpy()]
-                if kernel:
-                    half ^= 1
-                    S_new = len(src) // R
-                    Ks = [cpu_kernel.gather_rows(k, k_buf(li, half, S_new), src, step // 4 + 1) for li, k in enumerate(Ks)]
-                    Vs = [cpu_kernel.gather_rows(v, v_buf(li, half, S_new), src, step + 1) for li, v in enumerate(Vs)]
-                else:
-                    Ks = [_gather_rows(k, src, R, step) for k in Ks]
-                    Vs = [_gather_rows(v, src, R, step) for v in Vs]
-                prefix = self._segment_prefixes(kernel, seg_prefix, kp_all, vp_all, mask_all, plen_all)
-                plen = plen_all[seg_prefix]
-                plan = self._plan(prefix, Ks, Vs, len(src))
-            logits = self._decode_step(tok, plen + step, step, R, prefix, Ks, Vs, plan)
+                decoder.repack(src, seg_prefix, step)
+            logits = decoder.step(tok, step)
             self.row_steps += len(tok)
         longest = int(final_length.max())
         tokens, length, reason = final_tokens[:, :longest].tolist(), final_length.tolist(), final_reason.tolist()
@@ -361,7 +341,7 @@ class TorchSampler:
         """The whole decoding step in one C call where it can run (the C kernels, PyTorch's sgemm,
         a SiLU-gated model); else None (the step runs layer by layer from Python)."""
         cfg = self.model.cfg
-        if not (prefix[0] and cfg.hidden_act == "silu" and cpu_kernel.blas_sgemm()):
+        if not (prefix[0] and self.one_call and cfg.hidden_act == "silu" and cpu_kernel.blas_sgemm()):
             return None
         _, kp, vp, (seg_prefix, plen) = prefix
         layers = [(w_qkv.T, w_o.T, w_gate_up.T, w_down.T) for w_qkv, w_o, w_gate_up, w_down, _ in self._layers]
@@ -466,6 +446,151 @@ class TorchSampler:
         probs = sampling_distribution(logits, torch.full((n,), params.temperature),
                                       torch.full((n,), params.top_k), torch.full((n,), params.top_p))
         return float(torch.exp(torch.log(probs[torch.arange(n), torch.tensor(ids)]).sum()))
+
+
+class Decoder:
+    """The per-step numerics of one chunk of S segments of R rows: the distinct prompts' prefix
+    caches (stacked, padded), each row's suffix cache, and the compute path (C in one call, C
+    kernels, or PyTorch: `TorchSampler.kernel_path`). The scheduler (`_generate_chunk`) hands it
+    the tokens drawn and, when it repacks, which old row each new row is; it holds no cache."""
+
+    def __init__(self, sampler: TorchSampler, prefixes: list[tuple], seg_prefix: torch.Tensor, R: int, max_new: int):
+        m, cfg, dev = sampler.model, sampler.model.cfg, sampler.device
+        self.sampler, self.R, self.max_new, self.B = sampler, R, max_new, len(seg_prefix) * R
+        self.first = [logits for _, logits in prefixes]
+        self.plen_all = torch.tensor([kvs[0][0].shape[2] for kvs, _ in prefixes])
+        T = int(self.plen_all.max())
+        dt = self.dtype = m.embed_tokens.weight.dtype
+        self.mask_all = torch.where(torch.arange(T)[None, :] < self.plen_all[:, None], 0.0,
+                                    float("-inf")).to(dev, dt)[:, None, None, :]
+        pad = lambda t: F.pad(t, (0, 0, 0, T - t.shape[2]))  # noqa: E731
+        self.kp_all = [torch.cat([pad(p[0][li][0])[..., sampler._pairs] for p in prefixes]) for li in range(len(m.layers))]
+        self.vp_all = [torch.cat([pad(p[0][li][1]) for p in prefixes]) for li in range(len(m.layers))]
+        self.kernel = sampler._use_kernel()
+        S, H, d = len(seg_prefix), cfg.num_attention_heads, cfg.head_dim
+        if self.kernel:  # the C kernel reads each prefix in place: T padded to 16, keys transposed (P, H, d, T)
+            pad16 = lambda t: F.pad(t, (0, 0, 0, -T % 16))  # noqa: E731
+            self.kp_all = [pad16(k).transpose(-1, -2).contiguous() for k in self.kp_all]
+            self.vp_all = [pad16(v).contiguous() for v in self.vp_all]
+            # The C kernel's suffix caches, per (segment, head) the keys of all its rows for 4
+            # positions (each row's block transposed), then the next 4 (values: one position at
+            # a time), so a block of rows reads one run of memory per position block. Each cache
+            # has two buffers: a repack gathers the rows from one into the other.
+            self.half = 0
+            self.Ks = [self._k_buf(li, 0, S) for li in range(len(m.layers))]
+            self.Vs = [self._v_buf(li, 0, S) for li in range(len(m.layers))]
+        else:  # step-major (M, S, H, R, d): a step's keys are one contiguous slab
+            self.Ks = [torch.empty(max_new, S, H, R, d, device=dev, dtype=dt) for _ in m.layers]
+            self.Vs = [torch.empty(max_new, S, H, R, d, device=dev, dtype=dt) for _ in m.layers]
+        self._layout(seg_prefix)
+
+    def _k_buf(self, li: int, half: int, S: int) -> torch.Tensor:
+        cfg = self.sampler.model.cfg
+        H, d, R, Mk = cfg.num_attention_heads, cfg.head_dim, self.R, -(-self.max_new // 4)
+        return self.sampler._scratch(("k", li, half), self.B * H * Mk * d * 4)[: S * H * Mk * R * d * 4].view(
+            S, H, Mk, R, d, 4)
+
+    def _v_buf(self, li: int, half: int, S: int) -> torch.Tensor:
+        cfg = self.sampler.model.cfg
+        H, d, R, M = cfg.num_attention_heads, cfg.head_dim, self.R, self.max_new
+        return self.sampler._scratch(("v", li, half), self.B * H * M * d)[: S * H * M * R * d].view(S, H, M, R, d)
+
+    def _layout(self, seg_prefix: torch.Tensor) -> None:
+        """What the steps attend to for this segment layout, and its one-call plan (if any)."""
+        sampler = self.sampler
+        self.prefix = sampler._segment_prefixes(self.kernel, seg_prefix, self.kp_all, self.vp_all, self.mask_all,
+                                                self.plen_all)
+        self.plen = self.plen_all[seg_prefix]
+        self.plan = sampler._plan(self.prefix, self.Ks, self.Vs, len(seg_prefix) * self.R)
+
+    def first_logits(self, seg_prefix: torch.Tensor) -> torch.Tensor:
+        """The logits of every row's first token: its prompt's prefill."""
+        return torch.stack([self.first[i] for i in seg_prefix.tolist()]).repeat_interleave(self.R, dim=0)
+
+    def step(self, tok: torch.Tensor, step: int) -> torch.Tensor:
+        """Feed each row its token drawn at `step`; the next logits (a buffer the next step reuses)."""
+        return self.sampler._decode_step(tok, self.plen + step, step, self.R, self.prefix, self.Ks, self.Vs, self.plan)
+
+    def repack(self, src: torch.Tensor, seg_prefix: torch.Tensor, step: int) -> None:
+        """New row i continues old row src[i] (its caches up to `step` moved); segments' prompts `seg_prefix`."""
+        R = self.R
+        if self.kernel:
+            self.half ^= 1
+            S_new = len(src) // R
+            self.Ks = [cpu_kernel.gather_rows(k, self._k_buf(li, self.half, S_new), src, step // 4 + 1)
+                       for li, k in enumerate(self.Ks)]
+            self.Vs = [cpu_kernel.gather_rows(v, self._v_buf(li, self.half, S_new), src, step + 1)
+                       for li, v in enumerate(self.Vs)]
+        else:
+            self.Ks = [_gather_rows(k, src, R, step) for k in self.Ks]
+            self.Vs = [_gather_rows(v, src, R, step) for v in self.Vs]
+        self._layout(seg_prefix)
+
+
+def refuse_unsupported(folder: str | Path) -> None:
+    """A UserError, one line, for a checkpoint the built-in sampler would run wrongly: it
+    implements tied-embedding Llama blocks with plain RoPE, one key/value head per query head,
+    and the byte tokenizer (token id = byte value, 256 = EOS). Anything else goes to the
+    `transformers` backend, which runs what transformers runs."""
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # load_checkpoint says what is wrong with the folder
+    heads = cfg.get("num_attention_heads", 1)
+    rope = cfg.get("rope_parameters") or {}
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    why = None
+    if cfg.get("model_type", "llama") != "llama":
+        why = f"model_type {cfg.get('model_type')!r} (it runs Llama blocks only)"
+    elif cfg.get("num_key_value_heads", heads) != heads:
+        why = f"grouped-query attention ({cfg['num_key_value_heads']} key/value heads for {heads} query heads)"
+    elif cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default" or \
+            rope.get("rope_theta", theta) != theta:
+        why = f"RoPE scaling ({cfg.get('rope_scaling') or rope})"
+    elif cfg.get("head_dim", cfg.get("hidden_size", 0) // heads) * heads != cfg.get("hidden_size"):
+        why = f"head_dim {cfg.get('head_dim')} x {heads} heads != hidden_size {cfg.get('hidden_size')}"
+    elif cfg.get("hidden_act", "silu") not in ("silu", "gelu") or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        why = "biases or a hidden_act other than silu/gelu"
+    elif cfg.get("tie_word_embeddings") is False or (cfg.get("tie_word_embeddings") is None
+                                                    and _has_tensor(folder, "lm_head.weight")):
+        why = "an untied LM head (lm_head.weight, tie_word_embeddings not true)"
+    elif cfg.get("eos_token_id", EOS_ID) != EOS_ID or cfg.get("vocab_size", 257) < 257:
+        why = f"eos_token_id {cfg.get('eos_token_id')!r} / vocab_size {cfg.get('vocab_size')!r} (byte models use 256 / 257)"
+    else:
+        why = _non_byte_tokenizer(folder)
+    if why:
+        raise UserError(f"{folder}: the built-in sampler cannot run {why}; use backend = \"transformers\" "
+                        "for this model")
+
+
+def _has_tensor(folder: Path, name: str) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            return name in list(f.keys())
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
+def _non_byte_tokenizer(folder: Path) -> str | None:
+    """Why the folder's tokenizer is not the byte tokenizer (None when it is, or has none: the
+    built-in sampler always encodes UTF-8 bytes)."""
+    if (folder / "tokenizer.model").exists():
+        return "a SentencePiece tokenizer (tokenizer.model)"
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        return None
+    try:
+        model = json.loads(path.read_text()).get("model") or {}
+    except ValueError:
+        return "an unreadable tokenizer.json"
+    vocab = model.get("vocab") or {}
+    if model.get("type") != "BPE" or model.get("merges") or vocab != {ch: b for b, ch in _byte_chars().items()}:
+        return f"a {model.get('type', 'non-byte')} tokenizer with {len(vocab)} tokens and " \
+               f"{len(model.get('merges') or [])} merges (not one token per byte)"
+    return None
 
 
 def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
