@@ -1,5 +1,12 @@
 import json
+import os
+import shlex
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -160,7 +167,7 @@ def test_fit_and_report_commands(tmp_path, capsys):
                            "--model", "0.5B", "--model", "0.2B", "--method", "likelihood")
     assert code == 0 and "likelihood" in out
     code, _, err = run_cli(capsys, "fit", store, "--task", "sim-scaling", "--method", "magic")
-    assert code == 2 and "unknown method" in err
+    assert code == 2 and "method 'magic'" in err
     code, out, err = run_cli(capsys, "report", store, "--out", str(tmp_path / "rep"))
     assert code == 0, err
     assert (tmp_path / "rep" / "report.html").exists() and (tmp_path / "rep" / "fig4_forecast.svg").exists()
@@ -174,3 +181,176 @@ def test_metrics_with_log_prob_scores(tmp_path, capsys):
     code, out, err = run_cli(capsys, "metrics", store, "--scores")
     assert code == 0, err
     assert "ref log-prob" in out and "tiny-3" in out and "token" not in err
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--temperature", "nan"], "temperature must be a finite number"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top-p", "0"], "top-p must lie in (0, 1]"),
+    (["--top-p", "1.5"], "top-p must lie in (0, 1]"),
+    (["--top-k", "-1"], "top-k must be >= 0"),
+    (["--k", "0"], "K must be >= 1"),
+    (["--k", "3", "--max-samples", "2"], "budget (2 samples) must be >= K (3)"),
+    (["--batch-size", "0"], "batch size and first request must be >= 1"),
+    (["--max-tokens", "0"], "max tokens must be an integer >= 1"),
+    (["--limit", "0"], "--limit must be >= 1"),
+])
+def test_invalid_options_leave_the_run_name_free(tmp_path, capsys, bad, message):
+    """Every setting is checked before the run is recorded: one line, exit 2, and the same
+    command with valid settings then succeeds under the same run name."""
+    store = tmp_path / "v.sqlite"
+    args = ["eval", "--task", "sim-scaling", "--store", str(store), "--run", "pilot", "--limit", "2",
+            "--max-samples", "30"]
+    code, _, err = run_cli(capsys, *args, *bad)
+    assert code == 2 and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0 and "run pilot" in out, err
+
+
+def test_a_run_that_fails_to_start_does_not_block_a_rerun(tmp_path, capsys):
+    """A model whose checkpoint cannot be loaded fails after the run is recorded; the run holds
+    no results, so the corrected command starts it afresh under the same name."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    series = tmp_path / "s.toml"
+    series.write_text(f'[[models]]\nname = "m"\nn_params = 23712\nbackend = "torch"\npath = "{broken}"\n')
+    store = tmp_path / "f.sqlite"
+    args = ["eval", "--task", "arith", "--series", str(series), "--store", str(store),
+            "--max-samples", "2", "--limit", "1"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "is not a checkpoint folder" in err, err
+    series.write_text(series.read_text().replace(str(broken), str(BUNDLED / "tiny-2")))
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0 and "1 instance results" in out, err
+
+
+def test_limit_and_no_reference_scores_are_recorded(tmp_path, capsys):
+    store = tmp_path / "l.sqlite"
+    code, _, err = run_cli(capsys, "eval", "--task", "sim-scaling", "--task", "sim-accelerated",
+                           "--model", "0.5B", "--store", str(store), "--limit", "3",
+                           "--max-samples", "40", "--no-reference-scores")
+    assert code == 0, err
+    con = sqlite3.connect(store)
+    per_task = dict(con.execute("SELECT task, COUNT(*) FROM results GROUP BY task").fetchall())
+    assert per_task == {"sim-scaling": 3, "sim-accelerated": 3}
+    assert con.execute("SELECT COUNT(*) FROM reference_scores").fetchone()[0] == 0
+    config = json.loads(con.execute("SELECT config_json FROM runs").fetchone()[0])
+    assert config["limit"] == 3 and config["reference_scores"] is False
+    code, _, err = run_cli(capsys, "eval", "--store", str(store), "--resume", "--limit", "5")
+    assert code == 2 and "was made with limit=3, not 5" in err
+    code, _, err = run_cli(capsys, "eval", "--store", str(store), "--resume")
+    assert code == 0, err
+
+
+def test_a_task_file_run_through_every_reading_command(tmp_path, capsys):
+    """examples/capitals.yaml: the run stores the file's path, its results the task's name
+    ('capitals'); every command that reads the run resolves the task from the run itself."""
+    store = str(tmp_path / "c.sqlite")
+    task = str(Path(__file__).parents[1] / "examples/capitals.yaml")
+    code, out, err = run_cli(capsys, "eval", "--task", task, "--series", "tiny", "--model", "tiny-2",
+                             "--model", "tiny-3", "--model", "tiny-4", "--store", store,
+                             "--max-samples", "8", "--k", "1")
+    assert code == 0, err
+    assert "18 instance results" in out
+    code, out, err = run_cli(capsys, "show", store)
+    assert code == 0 and "capitals" in out, err
+    code, out, err = run_cli(capsys, "metrics", store)
+    assert code == 0 and "capitals" in out and "tiny-4" in out, err
+    code, out, err = run_cli(capsys, "report", store, "--out", str(tmp_path / "rep"))
+    assert code == 0 and (tmp_path / "rep" / "report.html").exists(), err
+    code, out, err = run_cli(capsys, "export", store, "--out", str(tmp_path / "c.csv"))
+    assert code == 0, err
+    assert set(pd.read_csv(tmp_path / "c.csv")["task"]) == {"capitals"}
+    code, out, err = run_cli(capsys, "fit", store, "--task", "capitals", "--json")
+    assert code == 0, err
+    assert json.loads(out)["models"] == ["tiny-2", "tiny-3", "tiny-4"]
+    for command in (["forecast", store, "--task", "capitals", "--target-model", "tiny-4",
+                     "--out", str(tmp_path / "f.json")],
+                    ["backtest", store, "--task", "capitals"]):
+        code, out, err = run_cli(capsys, *command)
+        assert code in (0, 2) and "unknown task" not in err and "Traceback" not in err, err
+        if code == 2:  # tiny budgets may leave too few passes to fit: one clear line then
+            assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+BUNDLED = Path(__file__).parents[1] / "src/passuntil/bundled/tiny"
+PASSUNTIL = Path(sys.executable).with_name("passuntil")
+
+
+def _passuntil(*args, env=None, **kw):
+    return subprocess.run([str(PASSUNTIL), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+@pytest.mark.slow
+def test_resume_on_another_sampler_is_refused(tmp_path):
+    """The sampler fingerprint (here: the compiled kernel switched off) is recorded per model;
+    resuming on a different one would mix two samplers' draws and is refused in one line."""
+    store = str(tmp_path / "k.sqlite")
+    args = ("eval", "--task", "arith", "--model", "tiny-2", "--store", store, "--max-samples", "4",
+            "--limit", "2")
+    first = _passuntil(*args, env={"PASSUNTIL_NO_KERNEL": "0"})
+    assert first.returncode == 0, first.stderr
+    kernel = json.loads(sqlite3.connect(store).execute("SELECT config_json FROM runs").fetchone()[0]
+                        )["samplers"]["tiny-2"]["kernel"]
+    if kernel.startswith("pytorch"):
+        pytest.skip(f"the compiled kernel is not available here ({kernel})")
+    other = _passuntil("eval", "--store", store, "--resume", env={"PASSUNTIL_NO_KERNEL": "1"})
+    assert other.returncode == 2 and other.stderr.count("\n") == 1, other.stderr
+    assert f"sampled model 'tiny-2' with another sampler (kernel: {kernel!r} ->" in other.stderr
+    same = _passuntil("eval", "--store", store, "--resume", env={"PASSUNTIL_NO_KERNEL": "0"})
+    assert same.returncode == 0, same.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_the_exact_resume_command(tmp_path):
+    """Interrupted in the middle of a run, eval prints the command that continues it (with the
+    store and run it was given), and that command, as printed, finishes the run."""
+    series = tmp_path / "slow.toml"
+    series.write_text('[[models]]\nname = "slow"\nn_params = 1e8\noptions = { latency_s = 0.5 }\n')
+    store = tmp_path / "deep dir" / "i.sqlite"
+    proc = subprocess.Popen([str(PASSUNTIL), "eval", "--task", "sim-scaling", "--series", str(series),
+                             "--store", str(store), "--run", "pilot-1", "--k", "2",
+                             "--max-samples", "3000", "--batch-size", "4096"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until the first round is committed
+        if store.exists():
+            try:
+                if sqlite3.connect(store).execute("SELECT COUNT(*) FROM results").fetchone()[0]:
+                    break
+            except sqlite3.Error:
+                pass
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    expected = f"passuntil eval --store '{store}' --run pilot-1 --resume"
+    assert f"interrupted; continue the run with: {expected}" in err
+    command = shlex.split(expected)
+    resumed = _passuntil(*command[1:])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "20 instance results" in resumed.stdout
+
+
+def test_a_code_task_records_its_isolation(tmp_path, capsys):
+    """A JSONL task checked by unit tests (examples/add_function.jsonl): the run records how
+    its code checks were isolated, and the reading commands resolve it from the run."""
+    from passuntil.execution import MODES
+
+    store = tmp_path / "code.sqlite"
+    task = str(Path(__file__).parents[1] / "examples/add_function.jsonl")
+    code, out, err = run_cli(capsys, "eval", "--task", task, "--model", "tiny-2", "--store", str(store),
+                             "--max-samples", "2", "--no-reference-scores")
+    assert code == 0 and "3 instance results" in out, err
+    isolation = json.loads(sqlite3.connect(store).execute("SELECT config_json FROM runs").fetchone()[0]
+                           )["isolation"]
+    assert isolation in MODES
+    code, out, err = run_cli(capsys, "metrics", str(store))
+    assert code == 0 and "add_function" in out, err
+    code, _, err = run_cli(capsys, "eval", "--task", "arith", "--model", "tiny-2", "--store", str(store),
+                           "--run", "plain", "--limit", "1", "--max-samples", "2", "--no-reference-scores")
+    config = json.loads(sqlite3.connect(store).execute(
+        "SELECT config_json FROM runs WHERE run_id = 'plain'").fetchone()[0])
+    assert code == 0 and config["isolation"] is None  # no task executes code

@@ -1,56 +1,60 @@
 """Scale-out on Ray: (model x instance) shards over actors that each hold a sampler.
 
-The driver owns the run store. Each actor runs the ordinary PassUntil engine on a shard and
-puts every round's updates on a Ray queue; the driver commits them one transaction per round,
-exactly as a local run does, so an interrupted distributed run resumes from the store (locally
-or on Ray) and, because every sample's seed depends only on (seed, model, task, instance,
-sample index), ends with the same counts as a local run.
+`RayRunner` is the second implementation of `passuntil.runner.Runner`. The driver owns the run
+store and the run's lease. Each actor runs the ordinary PassUntil engine on a shard and puts every
+round's updates on a Ray queue; the driver commits them one transaction per round, exactly as a
+local run does, so an interrupted distributed run resumes from the store (locally or on Ray) and,
+because every sample's seed depends only on (seed, model, task, instance, sample index), ends
+with the same counts as a local run.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import fields
 
-from passuntil.engine import EngineConfig, Progress, new_states, run_passuntil
+from passuntil import reference
+from passuntil.backends import registry
+from passuntil.engine import Progress, run_passuntil
 from passuntil.errors import UserError
-from passuntil.series import ModelSpec, open_sampler
-from passuntil.store import Store
-from passuntil.tasks import get_task
+from passuntil.runner import RunOutcome, Tally, lease, load_states, sampled_tasks, stored_outcome
+from passuntil.runspec import RunSpec, record_sampler_warnings
+from passuntil.series import open_sampler
 
 
 class ShardWorker:
     """A Ray actor: opens samplers on demand (one per model, kept) and runs shards."""
 
-    def __init__(self, config: dict, threads: int = 1):
+    def __init__(self, spec_json: str, threads: int = 1):
         import torch
 
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        self.cfg = _engine_config(config)
-        self.tasks = [get_task(name) for name in config["tasks"]]
-        self.specs = {m["name"]: ModelSpec(**m) for m in config["models"]}
+        self.spec = RunSpec.from_json(spec_json)
+        self.tasks = self.spec.load_tasks()
         self.samplers = {}
 
     def _sampler(self, model: str):
-        if model not in self.samplers:
-            self.samplers = {model: open_sampler(self.specs[model], self.tasks)}  # one at a time
+        if model not in self.samplers:  # one model at a time
+            spec = self.spec.model(model)
+            recorded = self.spec.samplers.get(model)
+            here = registry.get_backend(spec.backend).sampler_fingerprint(spec)
+            diff = recorded and registry.fingerprint_mismatch(recorded, here)
+            if diff:  # e.g. a worker on another CPU or package version than the driver
+                raise UserError(f"a Ray worker would sample model {model!r} with another sampler "
+                                f"than the run records ({diff})")
+            self.samplers = {model: open_sampler(spec, self.tasks)}
         return self.samplers[model]
 
-    def run_shard(self, model: str, states, queue) -> int:
-        run_passuntil(self._sampler(model), self.tasks, self.cfg, model=model, states=states,
+    def run_shard(self, model: str, states, queue) -> tuple[str, list[str]]:
+        """Run one shard; returns the model and what its sampler noticed about itself."""
+        sampler = self._sampler(model)
+        run_passuntil(sampler, self.tasks, self.spec.engine, model=model, states=states,
                       commit=lambda updates: queue.put((model, updates)))
-        return len(states)
+        return model, list(getattr(sampler, "warnings", ()))
 
-    def reference_scores(self, model: str) -> list[tuple]:
-        from passuntil.evaluate import reference_scores
-
-        return reference_scores(self._sampler(model), self.tasks, self.cfg)
-
-
-def _engine_config(config: dict) -> EngineConfig:
-    return EngineConfig(**{f.name: config["engine"][f.name] for f in fields(EngineConfig)
-                           if f.name in config["engine"]})
+    def reference_scores(self, model: str) -> reference.ReferenceScores:
+        scored = reference.for_model(self.spec, model, self.tasks)
+        return reference.compute(self._sampler(model), scored, self.spec.engine)
 
 
 def connect(address: str, workers: int | None):
@@ -70,60 +74,95 @@ def connect(address: str, workers: int | None):
     return ray
 
 
-def run_eval_ray(store: Store, run_id: str, config: dict, *, address: str = "local",
+def _get(ray, ref):
+    """`ray.get`, with a worker's UserError raised as itself (one line, not a remote traceback)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, UserError):
+            raise err.cause from None
+        raise
+
+
+class RayRunner:
+    """Shards of `shard_size` instances over `workers` actors (default: one per CPU)."""
+
+    def __init__(self, address: str = "local", workers: int | None = None, shard_size: int = 8):
+        self.address, self.workers, self.shard_size = address, workers, shard_size
+
+    def run(self, store, run_id: str, spec: RunSpec, *, progress: Progress | None = None
+            ) -> RunOutcome:
+        with lease(store, run_id):
+            tally = Tally(progress)
+            notes = self._run(store, run_id, spec, tally)
+        return stored_outcome(store, run_id, spec, samples=tally.samples, notes=notes)
+
+    def _run(self, store, run_id: str, spec: RunSpec, progress: Tally) -> list[str]:
+        ray = connect(self.address, self.workers)
+        from ray.util.queue import Queue
+
+        n_actors = self.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+        remote = ray.remote(num_cpus=1)(ShardWorker)
+        actors = [remote.remote(spec.to_json()) for _ in range(n_actors)]
+        queue = Queue()
+        tasks = spec.load_tasks()
+        work, seen = [], {}
+        progress.set_model(", ".join(m.name for m in spec.models), [t.name for t in tasks])
+        progress.stage("sampling")
+        for m in spec.models:
+            states = load_states(store, run_id, spec, sampled_tasks(spec, m.name, tasks), m.name)
+            for st in states:
+                seen[(m.name, st.key)] = st.samples
+            todo = [st for st in states if not st.stopped]
+            progress.advance(instances=len(states) - len(todo))
+            size = self.shard_size
+            work += [(m.name, todo[i:i + size]) for i in range(0, len(todo), size)]
+
+        def drain():
+            while not queue.empty():
+                try:
+                    model, updates = queue.get(timeout=0.2)
+                except Exception:  # noqa: BLE001 - ray.util.queue.Empty: nothing arrived yet
+                    return
+                store.commit_round(run_id, model, updates)
+                for u in updates:
+                    key = (model, u.state.key)
+                    progress.advance(samples=u.state.samples - seen[key],
+                                     instances=int(u.state.stopped is not None))
+                    seen[key] = u.state.samples
+
+        running, warnings = {}, {}
+        idle = list(actors)
+        try:
+            while work or running:
+                while work and idle:
+                    actor = idle.pop()
+                    model, shard = work.pop(0)
+                    running[actor.run_shard.remote(model, shard, queue)] = actor
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
+                drain()
+                for ref in ready:
+                    model, found = _get(ray, ref)  # re-raises a worker's error here
+                    warnings.setdefault(model, {}).update(dict.fromkeys(found))
+                    idle.append(running.pop(ref))
+            drain()
+            notes = [note for model, found in warnings.items()
+                     for note in record_sampler_warnings(store, run_id, model, list(found))]
+            progress.stage(reference.STAGE)
+            for m in spec.models:
+                if reference.pending(store, run_id, spec, m.name):
+                    scores = _get(ray, actors[0].reference_scores.remote(m.name))
+                    note = reference.record(store, run_id, m.name, scores)
+                    notes += [note] if note else []
+            return notes
+        finally:
+            for a in actors:
+                ray.kill(a)
+
+
+def run_eval_ray(store, run_id: str, spec: RunSpec | dict, *, address: str = "local",
                  workers: int | None = None, shard_size: int = 8,
-                 progress: Progress | None = None) -> None:
-    """Run (or continue) a stored run on Ray; the store is written only here, by the driver."""
-    ray = connect(address, workers)
-    from ray.util.queue import Queue
-
-    progress = progress or Progress()
-    n_actors = workers or max(1, int(ray.available_resources().get("CPU", 1)))
-    remote = ray.remote(num_cpus=1)(ShardWorker)
-    actors = [remote.remote(config) for _ in range(n_actors)]
-    queue = Queue()
-    cfg = _engine_config(config)
-    tasks = [get_task(name) for name in config["tasks"]]
-    work, seen = [], {}
-    for m in config["models"]:
-        states = new_states(tasks, model=m["name"], seed=cfg.seed)
-        store.load_states(run_id, m["name"], states)
-        for st in states:
-            seen[(m["name"], st.key)] = st.samples
-        todo = [st for st in states if not st.stopped]
-        progress.advance(instances=len(states) - len(todo))
-        work += [(m["name"], todo[i:i + shard_size]) for i in range(0, len(todo), shard_size)]
-
-    def drain(block: bool):
-        while not queue.empty() or block:
-            block = False
-            try:
-                model, updates = queue.get(timeout=0.2)
-            except Exception:  # noqa: BLE001 - ray.util.queue.Empty: nothing arrived yet
-                return
-            store.commit_round(run_id, model, updates)
-            for u in updates:
-                key = (model, u.state.key)
-                progress.advance(samples=u.state.samples - seen[key],
-                                 instances=int(u.state.stopped is not None))
-                seen[key] = u.state.samples
-
-    running = {}
-    idle = list(actors)
-    while work or running:
-        while work and idle:
-            actor = idle.pop()
-            model, shard = work.pop(0)
-            running[actor.run_shard.remote(model, shard, queue)] = actor
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
-        drain(block=False)
-        for ref in ready:
-            ray.get(ref)  # re-raises a worker's error here
-            idle.append(running.pop(ref))
-    drain(block=False)
-    for m in config["models"]:
-        if not store.has_reference_scores(run_id, m["name"]):
-            rows = ray.get(actors[0].reference_scores.remote(m["name"]))
-            store.save_reference_scores(run_id, m["name"], rows)
-    for a in actors:
-        ray.kill(a)
+                 progress: Progress | None = None) -> RunOutcome:
+    """`RayRunner(address, workers, shard_size).run(...)` (a spec or a stored config dict)."""
+    spec = spec if isinstance(spec, RunSpec) else RunSpec.from_dict(spec)
+    return RayRunner(address, workers, shard_size).run(store, run_id, spec, progress=progress)

@@ -24,7 +24,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from passuntil.backends.base import Sampler, SamplingParams
 from passuntil.errors import UserError
@@ -50,19 +50,56 @@ class EngineConfig:
     check_workers: int = 0  # 0: one background thread; N > 0: a pool of N processes
 
     def __post_init__(self):
-        if self.k_target < 1:
-            raise UserError(f"K must be >= 1 (got {self.k_target})")
-        if self.max_samples < self.k_target:
-            raise UserError(f"the budget ({self.max_samples} samples) must be >= K ({self.k_target})")
-        if self.batch_size < 1 or self.first_request < 1:
-            raise UserError("batch size and first request must be >= 1")
-        if self.growth <= 1:
-            raise UserError(f"growth must be > 1 (got {self.growth})")
-        if self.check_workers < 0 or self.completions_cap < 0:
-            raise UserError("check workers and completions cap must be >= 0")
+        _validate(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EngineConfig:
+        """The settings a run recorded (keys of older versions that are gone are ignored)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+MAX_INT = 2**62
+MAX_TOKENS = 1 << 20  # new tokens per sample: far beyond any model's context
+
+
+def _validate(cfg: EngineConfig) -> None:
+    """Every setting checked before a run is recorded: one clear line, never a late crash."""
+    for name in ("k_target", "max_samples", "batch_size", "first_request", "seed", "top_k",
+                 "completions_cap", "check_workers"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{name} must be an integer (got {value!r})")
+        if abs(value) >= MAX_INT:  # counts and seeds are stored as SQLite's 64-bit integers
+            raise UserError(f"{name.replace('_', '-')} must be below 2**62 (got {value})")
+    if cfg.seed < 0:
+        raise UserError(f"seed must be >= 0 (got {cfg.seed})")
+    if cfg.max_tokens is not None and (not isinstance(cfg.max_tokens, int)
+                                       or not 1 <= cfg.max_tokens <= MAX_TOKENS):
+        raise UserError(f"max tokens must be an integer from 1 to {MAX_TOKENS:,} "
+                        f"(got {cfg.max_tokens!r})")
+    for name in ("temperature", "top_p", "growth"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise UserError(f"{name.replace('_', '-')} must be a finite number (got {value!r})")
+    if cfg.k_target < 1:
+        raise UserError(f"K must be >= 1 (got {cfg.k_target})")
+    if cfg.max_samples < cfg.k_target:
+        raise UserError(f"the budget ({cfg.max_samples} samples) must be >= K ({cfg.k_target})")
+    if cfg.batch_size < 1 or cfg.first_request < 1:
+        raise UserError("batch size and first request must be >= 1")
+    if cfg.growth <= 1:
+        raise UserError(f"growth must be > 1 (got {cfg.growth})")
+    if cfg.temperature < 0:
+        raise UserError(f"temperature must be >= 0 (got {cfg.temperature})")
+    if not 0 < cfg.top_p <= 1:
+        raise UserError(f"top-p must lie in (0, 1] (got {cfg.top_p})")
+    if cfg.top_k < 0:
+        raise UserError(f"top-k must be >= 0, 0 = off (got {cfg.top_k})")
+    if cfg.check_workers < 0 or cfg.completions_cap < 0:
+        raise UserError("check workers and completions cap must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -120,9 +157,18 @@ class RoundUpdate:
 
 
 class Progress:
-    """Receives progress; the CLI shows it as a bar with an ETA. The default does nothing."""
+    """Receives progress; the CLI shows it as a bar with an ETA. The default does nothing.
+
+    The run layer names the model and its tasks (`set_model`); the engine names the stage it
+    is in (`stage`: "sampling", or "checking" while it waits on a round's checks)."""
 
     def advance(self, *, instances: int = 0, samples: int = 0) -> None:
+        pass
+
+    def set_model(self, name: str, tasks: Sequence[str] = ()) -> None:
+        pass
+
+    def stage(self, name: str) -> None:
         pass
 
 
@@ -249,6 +295,7 @@ def run_passuntil(
     pending: tuple[list[tuple[InstanceState, list[str]]], Future] | None = None
     try:
         while active or pending:
+            progress.stage("sampling" if active else "checking")
             batch = _sample_round(sampler, active, by_task, cfg) if active else []
             if pending:
                 _finish_round(*pending, cfg, commit, progress)
@@ -282,6 +329,8 @@ def _sample_round(sampler, active, by_task, cfg) -> list[tuple[InstanceState, li
 
 
 def _finish_round(batch, future: Future, cfg, commit, progress) -> None:
+    if not future.done():
+        progress.stage("checking")
     verdicts = future.result()
     updates, finished, samples = [], 0, 0
     for (st, texts), new in zip(batch, verdicts, strict=True):

@@ -1,83 +1,28 @@
-"""Wiring for `passuntil eval`: tasks x models -> PassUntil engine -> run store.
+"""Wiring for `passuntil eval`: what the user asked -> a checked `RunSpec` -> a runner -> the store.
 
-A run is named; its resolved configuration (engine settings, tasks, series) is written to the
-store when it starts, and `resume=True` continues it from the store alone, so an interrupted
-run picks up where its last committed round ended and produces exactly the counts an
-uninterrupted run would.
+`build_spec` checks everything a run is made of (engine settings, the series and each backend's
+options, the tasks, the sampler fingerprints) before anything is written, so a run that fails
+to start never blocks a rerun under the same name. `prepare_run` records a new run, or reads a
+recorded one for `--resume` and refuses to continue it on other settings, changed tasks or a
+different sampler. `start_eval` is the one call behind the command; the runners
+(`passuntil.runner.LocalRunner`, `passuntil.distributed.RayRunner`) do the sampling.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import fields
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
-from passuntil import stats
-from passuntil.engine import EngineConfig, InstanceResult, Progress, new_states, run_passuntil
+from passuntil.backends import registry
+from passuntil.distributed import RayRunner
+from passuntil.engine import EngineConfig, InstanceResult, Progress
 from passuntil.errors import UserError
-from passuntil.series import ModelSpec, load_series, open_sampler
+from passuntil.runner import LocalRunner, RunOutcome, stored_outcome
+from passuntil.runspec import RunSpec, TaskRef, add_note, task_source
+from passuntil.series import ModelSpec, builtin_series, load_series
 from passuntil.store import Store
-from passuntil.tasks import get_task
-from passuntil.tasks.files import is_task_file
-
-
-def resolve_config(
-    store: Store,
-    run_id: str,
-    *,
-    resume: bool,
-    series: str | None,
-    models: Sequence[str],
-    tasks: Sequence[str],
-    engine_overrides: dict,
-) -> dict:
-    """The run's full configuration: from the store when resuming, else from the arguments."""
-    if resume:
-        config = store.run_config(run_id)
-        given = {k: v for k, v in engine_overrides.items() if v is not None}
-        clash = {k: v for k, v in given.items() if config["engine"].get(k) != v}
-        if clash:
-            k, v = next(iter(clash.items()))
-            raise UserError(f"run {run_id!r} was made with {k}={config['engine'][k]!r}, not {v!r}; "
-                            "--resume continues a run exactly as it was started")
-        stored_models = [m["name"] for m in config["models"]]
-        if (tasks and list(tasks) != config["tasks"]) or (models and list(models) != stored_models):
-            raise UserError(f"run {run_id!r} covers tasks {config['tasks']} and models {stored_models}; "
-                            "--resume continues it as it was started (use --run NAME for other tasks or models)")
-        _check_tasks_unchanged(store, run_id, config)
-        return config
-    if store.run_exists(run_id):
-        raise UserError(f"run {run_id!r} already exists in {store.path}; pass --resume to continue it "
-                        "or --run NAME for a new one")
-    if not tasks:
-        raise UserError("name at least one task (--task NAME); `passuntil tasks` lists them")
-    cfg = EngineConfig(**{k: v for k, v in engine_overrides.items() if v is not None})
-    series = series or default_series(tasks)
-    chosen = load_series(series).select(models)
-    tasks = [str(Path(t).resolve()) if is_task_file(t) else t for t in tasks]
-    digests = {name: get_task(name).digest() for name in tasks}
-    config = {"engine": cfg.to_dict(), "tasks": tasks, "series": series,
-              "models": [m.to_dict() for m in chosen], "task_digests": digests}
-    store.create_run(run_id, config, config["models"])
-    return config
-
-
-def _check_tasks_unchanged(store: Store, run_id: str, config: dict) -> None:
-    """Refuse to resume a run whose tasks changed since it started: by the fingerprints it
-    stored, or, for runs made before fingerprints, by stored instance ids the task no longer has."""
-    stored_ids = None if "task_digests" in config else store.instance_ids(run_id)
-    for name in config["tasks"]:
-        task = get_task(name)
-        if stored_ids is None:
-            changed = task.digest() != config["task_digests"].get(name)
-        else:
-            changed = not stored_ids.get(task.name, set()) <= {x.id for x in task.instances}
-        if changed:
-            raise UserError(f"task {name!r} has changed since run {run_id!r} was started (its prompts, "
-                            "references, stops or check differ); its stored results belong to the old "
-                            "task: start a new run with --run NAME")
+from passuntil.tables import estimates_table, summary_table  # noqa: F401 - their former home
+from passuntil.tasks.base import Task
 
 
 def default_series(tasks: Sequence[str]) -> str:
@@ -85,113 +30,215 @@ def default_series(tasks: Sequence[str]) -> str:
     return "sim" if all(t.startswith("sim-") for t in tasks) else "tiny"
 
 
-def run_eval(store: Store, run_id: str, config: dict, *, progress: Progress | None = None
+def sampler_fingerprints(models: Sequence[ModelSpec]) -> dict[str, dict]:
+    return {m.name: registry.get_backend(m.backend).sampler_fingerprint(m) for m in models}
+
+
+def isolation_mode(tasks: Sequence[Task]) -> str | None:
+    """How code-execution checks will be isolated, where a task executes code (else None)."""
+    if not any(getattr(t.check, "spec", "") == "unit_tests" for t in tasks):
+        return None
+    from passuntil.execution import isolation_mode as mode
+
+    return mode()  # refuses (UserError) where only unsafe execution is possible and not opted in
+
+
+def check_exact(exact: str, chosen: Sequence[ModelSpec], loaded: Sequence[Task]) -> None:
+    """Refuse `--exact` (on) where some task or backend cannot be computed exactly, by one line
+    naming the first reason; `--exact=auto` samples those with PassUntil instead."""
+    from passuntil.reference import EXACT_MODES, exact_refusal
+
+    if exact not in EXACT_MODES:
+        raise UserError(f"exact must be one of {', '.join(EXACT_MODES)} (got {exact!r})")
+    if exact != "on":
+        return
+    for m in chosen:
+        for task in loaded:
+            why = exact_refusal(task, m.backend)
+            if why:
+                raise UserError(f"--exact: {why}; use --exact=auto to sample it with PassUntil instead")
+
+
+def build_spec(*, series: str | None, models: Sequence[str], tasks: Sequence[str],
+               engine: Mapping, limit: int | None = None, reference_scores: bool = True,
+               exact: str = "off") -> RunSpec:
+    """A new run's specification, every part checked; nothing is written."""
+    if not tasks:
+        raise UserError("name at least one task (--task NAME); `passuntil tasks` lists them")
+    cfg = EngineConfig(**{k: v for k, v in engine.items() if v is not None})
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise UserError(f"--limit must be >= 1 (got {limit!r})")
+    series = series or default_series(tasks)
+    chosen = load_series(series).select(models)
+    if builtin_series(series) is None:  # a series file: recorded by its absolute path
+        series = str(Path(series).resolve())
+    refs, loaded = [], []
+    for name in tasks:
+        ref = TaskRef(task_source(name))
+        task = ref.load(limit=limit)
+        refs.append(TaskRef.of(ref.source, task))
+        loaded.append(task)
+    names = [t.name for t in loaded]
+    clash = next((n for n in names if names.count(n) > 1), None)
+    if clash:
+        raise UserError(f"two of the tasks are named {clash!r}: a run stores results by task name")
+    check_exact(exact, chosen, loaded)
+    return RunSpec(tuple(refs), series, tuple(chosen), cfg, sampler_fingerprints(chosen), limit,
+                   reference_scores, isolation_mode(loaded), exact)
+
+
+def prepare_run(store: Store, run_id: str, *, resume: bool, series: str | None = None,
+                models: Sequence[str] = (), tasks: Sequence[str] = (),
+                engine_overrides: Mapping | None = None, limit: int | None = None,
+                reference_scores: bool = True, spec: RunSpec | None = None,
+                exact: str = "off") -> RunSpec:
+    """The run's specification: read from the store and checked when resuming, else built
+    (or `spec` as given) and recorded."""
+    engine_overrides = dict(engine_overrides or {})
+    if resume:
+        return _resumable(store, run_id, series=series, models=models, tasks=tasks,
+                          engine=engine_overrides, limit=limit, reference_scores=reference_scores,
+                          exact=exact)
+    spec = spec or build_spec(series=series, models=models, tasks=tasks, engine=engine_overrides,
+                              limit=limit, reference_scores=reference_scores, exact=exact)
+    if store.run_exists(run_id):
+        if not _is_empty(store, run_id):
+            raise UserError(f"run {run_id!r} already exists in {store.path}; pass --resume to "
+                            "continue it or --run NAME for a new one")
+        store.delete_run(run_id)  # recorded, but it never sampled: it must not block a rerun
+    store.create_run(run_id, spec.to_dict(), [m.to_dict() for m in spec.models])
+    _note_exact(store, run_id, spec)
+    return spec
+
+
+def _note_exact(store: Store, run_id: str, spec: RunSpec) -> None:
+    """Record, per model computed exactly, what its exact probabilities are (docs/statistics.md)."""
+    from passuntil.reference import EXACT_BACKENDS, exact_tasks
+
+    tasks = spec.load_tasks() if spec.exact != "off" else []
+    by_model = {m.name: [t.name for t in exact_tasks(spec, m.backend, tasks)] for m in spec.models}
+    for names in dict.fromkeys(tuple(v) for v in by_model.values() if v):
+        models = [m.name for m in spec.models if tuple(by_model[m.name]) == names]
+        kinds = sorted({EXACT_BACKENDS[spec.model(m).backend] for m in models})
+        add_note(store, run_id, model=", ".join(models), stage="exact", text=(
+            f"exact pass probabilities for {', '.join(names)}, no samples ({'; '.join(kinds)}): "
+            "the probability that one sample is exactly a reference, a lower bound where the "
+            "check also accepts a reference with other surrounding whitespace"))
+
+
+resolve_config = prepare_run  # the name of earlier versions
+
+
+def _resumable(store: Store, run_id: str, *, series, models, tasks, engine, limit,
+               reference_scores, exact="off") -> RunSpec:
+    spec = RunSpec.from_store(store, run_id)
+    stored = spec.engine.to_dict()
+    clash = {k: v for k, v in engine.items() if v is not None and stored.get(k) != v}
+    if limit is not None and limit != spec.limit:
+        clash["limit"] = limit
+    if not reference_scores and spec.reference_scores:
+        clash["reference_scores"] = False
+    if exact != "off" and exact != spec.exact:
+        clash["exact"] = exact
+    if clash:
+        k, v = next(iter(clash.items()))
+        was = stored.get(k, getattr(spec, k, None))
+        raise UserError(f"run {run_id!r} was made with {k}={was!r}, not {v!r}; "
+                        "--resume continues a run exactly as it was started")
+    sources = [t.source for t in spec.tasks]
+    names = [m.name for m in spec.models]
+    if (tasks and [task_source(t) for t in tasks] != sources) or (models and list(models) != names):
+        raise UserError(f"run {run_id!r} covers tasks {sources} and models {names}; --resume "
+                        "continues it as it was started (use --run NAME for other tasks or models)")
+    _check_tasks_unchanged(store, run_id, spec)
+    _check_samplers_unchanged(run_id, spec)
+    if spec.isolation is not None:
+        now = isolation_mode(spec.load_tasks())
+        if now != spec.isolation:  # checks continue under another isolation: say so in the run
+            add_note(store, run_id, model="*", stage="isolation",
+                     text=f"resumed with code checks isolated by {now} (started with {spec.isolation})")
+    return spec
+
+
+def _check_tasks_unchanged(store: Store, run_id: str, spec: RunSpec) -> None:
+    """Refuse to resume a run whose tasks changed since it started: by the fingerprints it
+    stored, or, for runs made before fingerprints, by stored instance ids the task no longer has."""
+    stored_ids = store.instance_ids(run_id)
+    for ref in spec.tasks:
+        task = ref.load(limit=spec.limit)
+        if ref.digest is not None:
+            changed = task.digest() != ref.digest
+        else:
+            changed = not stored_ids.get(task.name, set()) <= {x.id for x in task.instances}
+        if changed:
+            raise UserError(f"task {ref.source!r} has changed since run {run_id!r} was started (its "
+                            "prompts, references, stops or check differ); its stored results belong "
+                            "to the old task: start a new run with --run NAME")
+
+
+def _check_samplers_unchanged(run_id: str, spec: RunSpec) -> None:
+    """Refuse to resume on a sampler that may draw other samples for the same seeds."""
+    now = sampler_fingerprints([m for m in spec.models if m.name in spec.samplers])
+    for model, fp in now.items():
+        diff = registry.fingerprint_mismatch(spec.samplers[model], fp)
+        if diff:
+            raise UserError(f"run {run_id!r} sampled model {model!r} with another sampler ({diff}); "
+                            "resuming would mix samples of two samplers: start a new run with --run NAME")
+
+
+def _is_empty(store: Store, run_id: str) -> bool:
+    return not store.instance_ids(run_id) and not any(
+        store.has_reference_scores(run_id, m["name"]) for m in store.models(run_id))
+
+
+def _as_spec(spec: RunSpec | dict) -> RunSpec:
+    return spec if isinstance(spec, RunSpec) else RunSpec.from_dict(spec)
+
+
+def run_eval(store: Store, run_id: str, spec: RunSpec | dict, *, progress: Progress | None = None
              ) -> list[InstanceResult]:
-    """Run (or continue) every model of the run over every task, committing each round."""
-    cfg = EngineConfig(**{f.name: config["engine"][f.name] for f in fields(EngineConfig)
-                          if f.name in config["engine"]})
-    tasks = [get_task(name) for name in config["tasks"]]
-    specs = [ModelSpec(**m) for m in config["models"]]
-    results: list[InstanceResult] = []
-    for spec in specs:
-        if hasattr(progress, "set_model"):
-            progress.set_model(spec.name)
-        states = new_states(tasks, model=spec.name, seed=cfg.seed)
-        store.load_states(run_id, spec.name, states)
-        if all(st.stopped for st in states) and store.has_reference_scores(run_id, spec.name):
-            results.extend(st.result(spec.name) for st in states)
-            continue
-        sampler = open_sampler(spec, tasks)
-        results.extend(run_passuntil(
-            sampler, tasks, cfg, model=spec.name, states=states, progress=progress,
-            commit=lambda updates, name=spec.name: store.commit_round(run_id, name, updates)))
-        if not store.has_reference_scores(run_id, spec.name):
-            store.save_reference_scores(run_id, spec.name, reference_scores(sampler, tasks, cfg))
-    return results
+    """Run (or continue) every model of the run over every task in this process."""
+    return list(LocalRunner().run(store, run_id, _as_spec(spec), progress=progress).results)
 
 
-def run_with_progress(store: Store, run_id: str, config: dict, *, console=None,
-                      ray: str | None = None, ray_workers: int | None = None
-                      ) -> tuple[list[InstanceResult], int]:
-    """`run_eval` (or, with `ray` = an address or "local", `run_eval_ray`) with a progress bar
-    (ETA) over every model x instance of the run; returns the results and the number of samples
-    drawn in this call."""
+def total_instances(spec: RunSpec | dict) -> int:
+    spec = _as_spec(spec)
+    return len(spec.models) * sum(len(t.instances) for t in spec.load_tasks())
+
+
+def run_with_progress(store: Store, run_id: str, spec: RunSpec | dict, *, console=None,
+                      ray: str | None = None, ray_workers: int | None = None) -> RunOutcome:
+    """The run on the local runner (or, with `ray` = an address or "local", on Ray) with a
+    progress bar (a log line every 30 s when the output is not a terminal)."""
     from passuntil.progress import RichProgress
 
-    with RichProgress(total_instances(config), console=console) as progress:
-        if ray:
-            from passuntil.distributed import run_eval_ray
-
-            run_eval_ray(store, run_id, config, address=ray, workers=ray_workers,
-                         progress=progress)
-            results = stored_results(store, run_id, config)
-        else:
-            results = run_eval(store, run_id, config, progress=progress)
-    return results, progress.samples
+    spec = _as_spec(spec)
+    runner = RayRunner(ray, ray_workers) if ray else LocalRunner()
+    with RichProgress(total_instances(spec), max_samples=spec.engine.max_samples,
+                      console=console) as progress:
+        return runner.run(store, run_id, spec, progress=progress)
 
 
-def stored_results(store: Store, run_id: str, config: dict) -> list[InstanceResult]:
+def start_eval(store_path: str, run_id: str, *, resume: bool, series: str | None,
+               models: Sequence[str], tasks: Sequence[str], engine: Mapping,
+               limit: int | None = None, reference_scores: bool = True,
+               ray: str | None = None, ray_workers: int | None = None, console=None,
+               exact: str = "off") -> RunOutcome:
+    """`passuntil eval`: check the request, record (or reopen) the run, run it to the end."""
+    if ray_workers is not None and ray_workers < 1:
+        raise UserError(f"--ray-workers must be >= 1 (got {ray_workers})")
+    spec = None if resume else build_spec(series=series, models=models, tasks=tasks,
+                                          engine=engine, limit=limit,
+                                          reference_scores=reference_scores, exact=exact)
+    if not resume:
+        Path(store_path).parent.mkdir(parents=True, exist_ok=True)
+    store = Store(store_path, create=not resume)
+    spec = prepare_run(store, run_id, resume=resume, series=series, models=models, tasks=tasks,
+                       engine_overrides=engine, limit=limit, reference_scores=reference_scores,
+                       spec=spec, exact=exact)
+    return run_with_progress(store, run_id, spec, console=console, ray=ray, ray_workers=ray_workers)
+
+
+def stored_results(store: Store, run_id: str, spec: RunSpec | dict) -> list[InstanceResult]:
     """The run's per-instance results as the store holds them now."""
-    tasks = [get_task(name) for name in config["tasks"]]
-    seed = config["engine"].get("seed", 0)
-    out = []
-    for m in config["models"]:
-        states = new_states(tasks, model=m["name"], seed=seed)
-        store.load_states(run_id, m["name"], states)
-        out += [st.result(m["name"]) for st in states]
-    return out
-
-
-def reference_scores(sampler, tasks, cfg: EngineConfig) -> list[tuple]:
-    """Per instance: the reference answer's teacher-forced log-prob and token count (the paper's
-    test loss), and, where the backend computes it and the check is exact match, the exact
-    probability that one sample is exactly a reference."""
-    from passuntil.backends.base import SamplingParams
-    from passuntil.tasks.checks import Exact
-
-    rows = []
-    for task in tasks:
-        prompts = [task.prompt(x) for x in task.instances]
-        scores = sampler.score(prompts, [task.answer_prefix + x.references[0] for x in task.instances])
-        exact_fn = getattr(sampler, "exact_pass_probability", None)
-        for inst, prompt, sc in zip(task.instances, prompts, scores):
-            exact = None
-            if exact_fn is not None and isinstance(task.check, Exact):
-                exact = exact_fn(prompt, inst.references, SamplingParams(
-                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                    max_tokens=cfg.max_tokens or task.max_new_tokens, stop=task.stop))
-            rows.append((task.name, inst.id, sc.logprob, len(sc.token_logprobs), exact))
-    return rows
-
-
-def total_instances(config: dict) -> int:
-    return len(config["models"]) * sum(len(get_task(t).instances) for t in config["tasks"])
-
-
-def estimates_table(store: Store, run_id: str, *, confidence: float = 0.95):
-    """The tidy table of a run with PU, unbiased PU and exact interval per row."""
-    df = store.results(run_id)
-    k = store.run_config(run_id)["engine"]["k_target"]
-    df = df[df["samples"] > 0].copy()
-    if df.empty:
-        return df
-    df["pu"] = stats.pu_mle(df["passes"], df["samples"])
-    df["pu_unbiased"] = stats.pu_unbiased(df["passes"], df["samples"], k_target=k)
-    low, high = stats.interval(df["passes"].to_numpy(), df["samples"].to_numpy(), k_target=k,
-                               confidence=confidence)
-    df["ci_low"], df["ci_high"] = low, high
-    df["done"] = df["stopped"].notna()
-    return df
-
-
-def summary_table(df, *, n_boot: int = 1000, seed: int = 0):
-    """Per model x task: mean PU over instances with its bootstrap SE, and non-zero count."""
-    import pandas as pd
-
-    rows = []
-    for (model, n_params, task), g in df.groupby(["model", "n_params", "task"], sort=False):
-        boot = stats.bootstrap_mean(g["pu"].to_numpy(), n_boot=n_boot, seed=seed)
-        rows.append({"model": model, "n_params": n_params, "task": task, "instances": len(g),
-                     "nonzero": int(np.sum(g["passes"] > 0)), "mean_pu": boot.mean, "se": boot.se,
-                     "samples": int(g["samples"].sum()), "done": int(g["done"].sum())})
-    return pd.DataFrame(rows)
+    return list(stored_outcome(store, run_id, _as_spec(spec)).results)

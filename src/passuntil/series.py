@@ -6,9 +6,9 @@ A series file (TOML or YAML) looks like:
     [[models]]
     name = "0.1B"
     n_params = 1.09e8            # non-embedding parameters
-    backend = "simulated"        # later: torch | hf | vllm | openai
-    path = "ckpt/0.1B"           # optional, backend-specific
-    options = { latency_s = 0 }  # optional, backend-specific
+    backend = "simulated"        # any backend of passuntil.backends.registry
+    path = "ckpt/0.1B"           # a folder (relative to this file) or, for openai, a URL
+    options = { latency_s = 0 }  # optional, checked against the backend's registered options
 
 The built-in series "sim" has the paper's seven sizes (0.036B-2.45B, its Table 3) with the
 simulated sampler, so the whole pipeline runs without any model.
@@ -16,19 +16,20 @@ simulated sampler, so the whole pipeline runs without any model.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from passuntil.backends import registry
 from passuntil.backends.base import Sampler
 from passuntil.errors import UserError
 from passuntil.tasks.base import Task
 
 PAPER_SIZES = {"0.03B": 3.6e7, "0.1B": 1.09e8, "0.2B": 2.41e8, "0.5B": 4.99e8,
                "0.9B": 8.92e8, "1.5B": 1.542e9, "2.4B": 2.45e9}
-BACKENDS = ("simulated", "torch")
 BUNDLED = Path(__file__).parent / "bundled"
 
 
@@ -95,16 +96,15 @@ def load_series(name_or_path: str) -> ModelSeries:
     if not path.is_file():
         raise UserError(f"no built-in series and no file named {name_or_path!r} "
                         f"(built-in: {', '.join(builtin_names())})")
-    try:
-        if path.suffix == ".toml":
-            raw = tomllib.loads(path.read_text())
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
+    import yaml
 
-            raw = yaml.safe_load(path.read_text())
-        else:
-            raise UserError(f"series file {path} must end in .toml, .yaml or .yml")
-    except (tomllib.TOMLDecodeError, ValueError) as err:
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise UserError(f"series file {path} must end in .toml, .yaml or .yml")
+    try:
+        text = path.read_text()
+        raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError, OSError) as err:
+        err = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"cannot parse series file {path}: {err}") from None
     return _series_from_dict(raw, default_name=path.stem, where=str(path))
 
@@ -113,6 +113,10 @@ def _series_from_dict(raw: Any, *, default_name: str, where: str) -> ModelSeries
     if not isinstance(raw, dict) or not isinstance(raw.get("models"), list) or not raw["models"]:
         raise UserError(f"{where}: a series needs a non-empty 'models' list")
     models = []
+    unknown = sorted(set(raw) - {"name", "models"})
+    if unknown:
+        raise UserError(f"{where}: unknown top-level field(s) {unknown}; a series has 'name' "
+                        "and 'models'")
     allowed = {"name", "n_params", "backend", "path", "train_tokens", "options"}
     for i, m in enumerate(raw["models"]):
         if not isinstance(m, dict) or "name" not in m or "n_params" not in m:
@@ -120,61 +124,49 @@ def _series_from_dict(raw: Any, *, default_name: str, where: str) -> ModelSeries
         unknown = set(m) - allowed
         if unknown:
             raise UserError(f"{where}: model {m['name']!r} has unknown field(s) {sorted(unknown)}")
-        try:
-            n_params = float(m["n_params"])
-        except (TypeError, ValueError):
-            raise UserError(f"{where}: model {m['name']!r}: n_params must be a number") from None
-        if n_params <= 0:
-            raise UserError(f"{where}: model {m['name']!r}: n_params must be > 0")
-        backend = m.get("backend", "simulated")
-        if backend not in BACKENDS:
-            raise UserError(f"{where}: model {m['name']!r}: unknown backend {backend!r} "
-                            f"(available: {', '.join(BACKENDS)})")
-        path = m.get("path")
-        if path is not None and not Path(path).is_absolute():
-            path = str((Path(where).parent / path).resolve())  # relative to the series file
-        models.append(ModelSpec(str(m["name"]), n_params, backend, path,
-                                m.get("train_tokens"), dict(m.get("options", {}))))
+        n_params = _positive_number(m["n_params"], f"{where}: model {m['name']!r}: n_params")
+        train_tokens = m.get("train_tokens")
+        if train_tokens is not None:
+            train_tokens = _positive_number(train_tokens, f"{where}: model {m['name']!r}: train_tokens")
+        backend = registry.get_backend(str(m.get("backend", "simulated")),
+                                       where=f"{where}: model {m['name']!r}")
+        options = m.get("options", {})
+        if not isinstance(options, dict):
+            raise UserError(f"{where}: model {m['name']!r}: 'options' must be a table of settings")
+        spec = ModelSpec(str(m["name"]), n_params, backend.name,
+                         _resolve_path(m.get("path"), backend.path, where), train_tokens, dict(options))
+        backend.validate(spec, where=where)
+        models.append(spec)
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise UserError(f"{where}: model names must be unique")
     return ModelSeries(str(raw.get("name", default_name)), tuple(models))
 
 
+def _positive_number(value: Any, what: str) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a number") from None
+    if isinstance(value, bool) or not math.isfinite(x) or x <= 0:
+        raise UserError(f"{what} must be > 0 and finite (got {value!r})")
+    return x
+
+
+def _resolve_path(path: Any, kind: str, where: str) -> str | None:
+    """A model's `path` as the backend takes it: URLs stay URLs; a folder relative to the
+    series file is made absolute (a model id that is no folder there stays as written)."""
+    if path is None:
+        return None
+    path = str(path)
+    if kind == "url" or "://" in path or Path(path).is_absolute():
+        return path
+    resolved = (Path(where).parent / path).resolve()
+    if kind == "folder-or-id" and not resolved.exists():
+        return path
+    return str(resolved)
+
+
 def open_sampler(spec: ModelSpec, tasks: Iterable[Task]) -> Sampler:
-    """Instantiate the backend for one model."""
-    if spec.backend == "simulated":
-        from passuntil.backends.simulated import SimulatedSampler
-        from passuntil.tasks.simulated import law_probability
-
-        truth = {}
-        for task in tasks:
-            for inst in task.instances:
-                if "law" not in inst.meta:
-                    raise UserError(f"the simulated backend cannot run task {task.name!r}: "
-                                    "it knows only the simulated tasks")
-                truth[task.prompt(inst)] = (inst.references[0],
-                                            law_probability(inst.meta["law"], spec.n_params))
-        return SimulatedSampler(spec.name, truth, **dict(spec.options))
-    if spec.backend == "torch":
-        from passuntil.backends.torch_backend import TorchSampler
-
-        if not spec.path:
-            raise UserError(f"model {spec.name!r}: the torch backend needs a checkpoint 'path'")
-        return TorchSampler.from_folder(spec.path, name=spec.name, **dict(spec.options))
-    if spec.backend in ("transformers", "vllm"):
-        if not spec.path:
-            raise UserError(f"model {spec.name!r}: the {spec.backend} backend needs a 'path'")
-        if spec.backend == "vllm":
-            from passuntil.backends.vllm_backend import VLLMSampler as Backend
-        else:
-            from passuntil.backends.hf import TransformersSampler as Backend
-        return Backend(spec.path, name=spec.name, **dict(spec.options))
-    if spec.backend == "openai":
-        from passuntil.backends.openai_compat import OpenAICompatSampler
-
-        opts = dict(spec.options)
-        if not spec.path:
-            raise UserError(f"model {spec.name!r}: the openai backend needs 'path' = the base URL")
-        return OpenAICompatSampler(spec.path, opts.pop("model", spec.name), name=spec.name, **opts)
-    raise UserError(f"backend {spec.backend!r} is not available")
+    """Instantiate the backend for one model (see passuntil.backends.registry)."""
+    return registry.open_sampler(spec, tasks)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 from pathlib import Path
 
 import click
 from rich.table import Table
 
-from passuntil.cli.common import cli, console, open_store, pick_run
+from passuntil.analysis import open_run
+from passuntil.cli.common import Interrupted, cli, console, open_store
 from passuntil.errors import UserError
 
 
 @cli.command("eval")
-@click.option("--task", "tasks", multiple=True, help="Task name (repeat for several).")
+@click.option("--task", "tasks", multiple=True, help="Task name or task file (repeat for several).")
 @click.option("--series", default=None, help="Built-in series (tiny, sim) or a series file [tiny; sim for sim-* tasks].")
 @click.option("--model", "models", multiple=True, help="Only these models of the series.")
 @click.option("--store", "store_path", default="runs/passuntil.sqlite", show_default=True,
@@ -26,23 +29,51 @@ from passuntil.errors import UserError
 @click.option("--temperature", type=float, default=None, help="Sampling temperature [1.0].")
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling [1.0].")
 @click.option("--top-k", type=int, default=None, help="Top-k sampling, 0 = off [0].")
+@click.option("--max-tokens", type=int, default=None, help="Tokens per sample [each task's own].")
 @click.option("--check-workers", type=int, default=None, help="Processes for checks, 0 = a thread [0].")
+@click.option("--limit", type=int, default=None, help="Only the first N instances of each task (a pilot).")
+@click.option("--no-reference-scores", is_flag=True,
+              help="Skip the reference answers' test loss and exact pass probability.")
+@click.option("--exact", "exact", type=click.Choice(["on", "auto"]), is_flag=False, flag_value="on",
+              default=None, help="Store each instance's exact pass probability instead of sampling "
+              "(exact-match tasks, torch/simulated backends); --exact=auto samples the rest.")
+@click.option("--unsafe-local-execution", is_flag=True,
+              help="Run code checks without the sandbox's isolation where it is unavailable (recorded).")
 @click.option("--ray", "ray_address", default=None,
               help="Shard the work over Ray actors: a cluster address, or 'local'.")
 @click.option("--ray-workers", type=int, default=None, help="Ray actors [one per CPU].")
-def eval_cmd(tasks, series, models, store_path, run_id, resume, ray_address, ray_workers, **engine):
+def eval_cmd(tasks, series, models, store_path, run_id, resume, limit, no_reference_scores, exact,
+             unsafe_local_execution, ray_address, ray_workers, **engine):
     """Run PassUntil for tasks x models into a run store."""
-    from passuntil.evaluate import resolve_config, run_with_progress
+    from passuntil.evaluate import start_eval
+    from passuntil.execution import UNSAFE_ENV
 
-    Path(store_path).parent.mkdir(parents=True, exist_ok=True)
-    store = open_store(store_path, create=not resume)
-    config = resolve_config(store, run_id, resume=resume, series=series, models=models,
-                            tasks=tasks, engine_overrides=engine)
-    results, samples = run_with_progress(store, run_id, config, ray=ray_address,
-                                         ray_workers=ray_workers)
-    done = sum(r.stopped == "k_passes" for r in results)
-    click.echo(f"run {run_id} in {store_path}: {len(results)} instance results, "
-               f"{done} reached K passes, {samples:,} samples drawn this session")
+    if unsafe_local_execution:
+        os.environ[UNSAFE_ENV] = "1"
+    try:
+        outcome = start_eval(store_path, run_id, resume=resume, series=series, models=models,
+                             tasks=tasks, engine=engine, limit=limit,
+                             reference_scores=not no_reference_scores, ray=ray_address,
+                             ray_workers=ray_workers, exact=exact or "off")
+    except KeyboardInterrupt:
+        if not resume and not _recorded(store_path, run_id):
+            raise click.exceptions.Abort() from None  # nothing to continue: the same command again
+        raise Interrupted(shlex.join(["passuntil", "eval", "--store", store_path, "--run", run_id,
+                                      "--resume"])) from None
+    done = sum(r.stopped == "k_passes" for r in outcome.results)
+    click.echo(f"run {run_id} in {store_path}: {len(outcome.results)} instance results, "
+               f"{done} reached K passes, {outcome.samples:,} samples drawn this session"
+               + (f", {outcome.exact} exact pass probabilities" if outcome.exact else ""))
+    for note in outcome.notes:
+        click.echo(f"note: {note}")
+
+
+def _recorded(store_path: str, run_id: str) -> bool:
+    """Whether the run was recorded before an interrupt (else there is nothing to resume)."""
+    try:
+        return open_store(store_path, create=False).run_exists(run_id)
+    except Exception:  # noqa: BLE001 - an unreadable store: nothing recorded either
+        return False
 
 
 @cli.command()
@@ -52,10 +83,12 @@ def eval_cmd(tasks, series, models, store_path, run_id, resume, ray_address, ray
 @click.option("--confidence", type=float, default=0.95, show_default=True)
 def show(store_path, run_id, instances, confidence):
     """PU with intervals per instance and model."""
-    from passuntil.evaluate import estimates_table, summary_table
+    from passuntil.runspec import run_notes
+    from passuntil.tables import estimates_table, summary_table
 
-    store = open_store(store_path, create=False)
-    run_id = pick_run(store, run_id)
+    if not 0 < confidence < 1:
+        raise UserError(f"--confidence must lie in (0, 1) (got {confidence})")
+    store, run_id = open_run(store_path, run_id)
     df = estimates_table(store, run_id, confidence=confidence)
     if df.empty:
         raise UserError(f"run {run_id!r} has no results yet")
@@ -77,6 +110,8 @@ def show(store_path, run_id, instances, confidence):
             table.add_row(r.model, f"{r.n_params:.3g}", r.task, f"{r.nonzero}/{r.instances}",
                           f"{r.mean_pu:.4g}", f"{r.se:.2g}", f"{r.samples:,}", f"{r.done}/{r.instances}")
     console.print(table)
+    for n in run_notes(store, run_id):
+        click.echo(f"note ({n['model']}, {n['stage']}): {n['note']}")
 
 
 @cli.command()
@@ -86,10 +121,9 @@ def show(store_path, run_id, instances, confidence):
 @click.option("--completions", is_flag=True, help="Export the distinct completions instead.")
 def export(store_path, out_path, run_id, completions):
     """Export a run's tidy table (one row per model x task x instance)."""
-    from passuntil.evaluate import estimates_table
+    from passuntil.tables import estimates_table
 
-    store = open_store(store_path, create=False)
-    run_id = pick_run(store, run_id)
+    store, run_id = open_run(store_path, run_id)
     df = store.completions(run_id) if completions else estimates_table(store, run_id)
     out = Path(out_path)
     writers = {".csv": lambda: df.to_csv(out, index=False),
@@ -104,9 +138,17 @@ def export(store_path, out_path, run_id, completions):
 
 
 @cli.command("tasks")
-def tasks_cmd():
+@click.option("--lm-eval", "lm_eval", is_flag=True,
+              help="List lm-evaluation-harness tasks (bundled and --include-path) instead.")
+@click.option("--include-path", "include", multiple=True, help="A folder of lm_eval task YAMLs.")
+def tasks_cmd(lm_eval, include):
     """List every task with its instance count, check and source."""
     from passuntil.tasks import get_task, list_tasks
+
+    if lm_eval or include:
+        from passuntil.tasks.lm_eval import print_lm_eval_tasks
+
+        return print_lm_eval_tasks(include, console)
     from passuntil.tasks.bigbench import available, cache_dir
 
     table = Table(title="passuntil tasks")
