@@ -1,10 +1,13 @@
 """`passuntil report`: one self-contained HTML page (figures embedded) plus PNG and SVG files.
 
-The figures follow the paper on the user's own data: passed instances against sample count
-(Fig. 2), reference test loss against N with its fit (Fig. 3), log(-log PU) against log N with
-the pre-registered forecast and its interval (Fig. 4), test loss against PU (Fig. 6),
-instance-level curves (Fig. 7), emergence classes with the two-circuit fit (Fig. 8), the
-metric-choice panel, and a table of forecasts against outcomes. Model text is escaped.
+The page opens with a run summary (models and N, tasks and their instance counts, K, budget,
+seed, sampling settings, backends and sampler fingerprints, isolation, version) and the
+definitions every number on it uses, then the paper's figures on the user's data, each with a
+caption saying what is plotted and what was dropped or clipped (report_figures.py): passed
+instances against sample count (Fig. 2), reference test loss against N (Fig. 3), the observed
+mean PU with each pre-registered forecast, its own fit and its outcome (Fig. 4), test loss
+against PU (Fig. 6), instance-level curves (Fig. 7), emergence classes (Fig. 8) and the
+metric-choice panel; then formatted tables. Model text is escaped.
 """
 
 from __future__ import annotations
@@ -12,216 +15,56 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from passuntil.emergence import _hypotheses, classify, compare_hypotheses  # noqa: E402
-from passuntil.evaluate import estimates_table  # noqa: E402
-from passuntil.metrics import metric_table, sharpness  # noqa: E402
-from passuntil.scaling.data import SeriesCounts  # noqa: E402
-from passuntil.scaling.loss import fit_loss_law  # noqa: E402
-from passuntil.store import Store  # noqa: E402
+from passuntil import report_figures as figs
+from passuntil.emergence import classify
+from passuntil.errors import UserError
+from passuntil.metrics import metric_table
+from passuntil.scaling.data import SeriesCounts
+from passuntil.scaling.forecast_record import EXACT, OBSERVED, ForecastRecord, ForecastScore
+from passuntil.store import Store
+from passuntil.tables import estimates_table
 
 
 @dataclass
 class ReportData:
-    """What the report draws: the tidy results of the chosen runs, their completions, and any
-    forecasts with their scores."""
+    """What the report draws: the tidy results of the chosen runs, their completions, each run's
+    recorded settings, and any forecasts with their scores (None: target not evaluated yet)."""
 
     results: pd.DataFrame
     completions: pd.DataFrame
     k_target: int
-    forecasts: list[tuple[dict, dict | None]] = field(default_factory=list)
+    forecasts: list[tuple[ForecastRecord, ForecastScore | None]] = field(default_factory=list)
     references: dict = field(default_factory=dict)
+    runs: list[dict] = field(default_factory=list)  # store.run_info of each run
 
 
 def load_report_data(store: Store, run_ids: list[str], forecasts=()) -> ReportData:
-    frames = [estimates_table(store, r) for r in run_ids]
-    results = pd.concat([f for f in frames if not f.empty], ignore_index=True)
+    """Results, completions and settings of the runs; each forecast scored where its target
+    model's results cover its instances (`ForecastRecord.score_results`)."""
+    from passuntil.analysis import task_references
+
+    frames = [f for f in (estimates_table(store, r) for r in run_ids) if not f.empty]
+    if not frames:
+        raise UserError(f"run(s) {', '.join(run_ids)} hold no results yet: nothing to report")
+    results = pd.concat(frames, ignore_index=True)
     results = results.drop_duplicates(["model", "task", "instance_id"], keep="last")
     comps = pd.concat([store.completions(r) for r in run_ids], ignore_index=True)
-    k = store.run_config(run_ids[0])["engine"]["k_target"]
-    refs = {}
-    if not comps.empty:
-        from passuntil.tasks import get_task
-
-        for t in comps["task"].unique():
-            refs.update({(t, x.id): x.references[0] for x in get_task(t).instances})
-    return ReportData(results, comps, k, list(forecasts), refs)
-
-
-def _counts(df: pd.DataFrame, k: int) -> SeriesCounts:
-    return SeriesCounts.from_table(df, k_target=k)
-
-
-def _label(ax, title: str, xlabel: str, ylabel: str) -> None:
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-
-
-def _grid(n: int):
-    cols = min(n, 3)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    return fig, list(axes.flat[:n])
-
-
-def fig_passed_vs_samples(data: ReportData, tasks):
-    """Fig. 2: how many instances have passed at least once within the first n samples."""
-    fig, axes = _grid(len(tasks))
-    for ax, task in zip(axes, tasks):
-        g = data.results[data.results["task"] == task]
-        budget = max(2, int(g["samples"].max()))
-        grid = np.unique(np.geomspace(1, budget, 30).astype(int))
-        for model, gm in g.sort_values("n_params").groupby("model", sort=False):
-            idxs = [json.loads(i) if isinstance(i, str) else list(i) for i in gm["pass_indices"]]
-            first = [min(i) + 1 if i else np.inf for i in idxs]
-            ax.plot(grid, [(np.asarray(first) <= n).sum() for n in grid], label=model)
-        ax.set_xscale("log")
-        _label(ax, task, "samples per instance", "instances passed")
-    axes[0].legend(fontsize=7)
-    return fig
-
-
-def fig_loss(data: ReportData, tasks):
-    """Fig. 3: the reference answers' mean test loss against N, with L(N) = (c/N)^a + L0."""
-    fig, axes = _grid(len(tasks))
-    for ax, task in zip(axes, tasks):
-        g = data.results[(data.results["task"] == task) & data.results["ref_tokens"].gt(0)]
-        if g.empty:
-            ax.set_title(f"{task}: no reference scores")
-            continue
-        per = (g.assign(loss=-g["ref_logprob"] / g["ref_tokens"]).groupby("n_params")["loss"].mean())
-        ax.plot(per.index, per.values, "o", label="mean test loss")
-        if len(per) >= 3:
-            fit = fit_loss_law(per.index.to_numpy(), per.to_numpy())
-            n = np.geomspace(per.index.min(), per.index.max() * 3, 50)
-            ax.plot(n, fit.predict(n), "-", label=f"fit: alpha={fit.alpha:.2f}")
-        ax.set_xscale("log")
-        _label(ax, task, "N (non-embedding)", "loss (nats/token)")
-        ax.legend(fontsize=7)
-    return fig
-
-
-def _f(pu):
-    pu = np.clip(np.asarray(pu, dtype=float), 1e-300, 1 - 1e-12)
-    return np.log(-np.log(pu))
-
-
-def fig_forecast(data: ReportData, tasks):
-    """Fig. 4: log(-log mean PU) against log N, with each pre-registered forecast."""
-    fig, axes = _grid(len(tasks))
-    for ax, task in zip(axes, tasks):
-        g = data.results[data.results["task"] == task]
-        mean = g.groupby("n_params")["pu_unbiased"].mean()
-        ok = mean > 0
-        ax.plot(np.log(mean.index[ok]), _f(mean[ok]), "o", label="observed mean PU")
-        for record, score in data.forecasts:
-            if record["task"] != task:
-                continue
-            fc, tn = record["forecast"], record["target"]["n_params"]
-            x = np.log(tn)
-            ax.errorbar([x], [_f(fc["point"])],
-                        yerr=[[_f(fc["point"]) - _f(fc["high"])], [_f(fc["low"]) - _f(fc["point"])]],
-                        fmt="s", color="C3", capsize=4, label=f"forecast ({fc['level']:.0%} PI)")
-            used = g[g["model"].isin(record["data"]["models"])].groupby("n_params")["pu_unbiased"]
-            m = used.mean()
-            m = m[m > 0]
-            if len(m) >= 2:
-                b = np.polyfit(np.log(m.index), _f(m), 1)
-                xs = np.linspace(np.log(m.index.min()), x, 20)
-                ax.plot(xs, np.polyval(b, xs), "--", color="C3", lw=1)
-            if score is not None:
-                ax.plot([x], [_f(score["observed"])], "*", color="k", ms=10, label="outcome")
-        _label(ax, task, "log N", "log(-log PU)")
-        ax.legend(fontsize=7)
-    return fig
-
-
-def fig_loss_vs_pu(data: ReportData, tasks):
-    """Fig. 6: per instance, the reference's test loss against PU (non-zero PU only)."""
-    fig, axes = _grid(len(tasks))
-    for ax, task in zip(axes, tasks):
-        g = data.results[(data.results["task"] == task) & (data.results["passes"] > 0)
-                         & data.results["ref_tokens"].gt(0)]
-        for model, gm in g.sort_values("n_params").groupby("model", sort=False):
-            ax.plot(-gm["ref_logprob"] / gm["ref_tokens"], np.log(gm["pu"]), ".", label=model)
-        _label(ax, task, "reference test loss", "log PU")
-    axes[0].legend(fontsize=7)
-    return fig
-
-
-def fig_instances(data: ReportData, tasks):
-    """Fig. 7: instance-level curves log(-log PU_i) against log N."""
-    fig, axes = _grid(len(tasks))
-    for ax, task in zip(axes, tasks):
-        g = data.results[data.results["task"] == task]
-        for _, gi in g.sort_values("n_params").groupby("instance_id"):
-            ok = (gi["passes"] > 0) & (gi["pu"] < 1)
-            if ok.sum() >= 2:
-                ax.plot(np.log(gi["n_params"][ok]), _f(gi["pu"][ok]), "-", lw=0.8, alpha=0.6)
-        _label(ax, task, "log N", "log(-log PU_i)")
-    return fig
-
-
-def fig_emergence(data: ReportData, tasks, classes):
-    """Fig. 8: F(N) per task with the plain law and the two-circuit fit; the class in the title."""
-    fig, axes = _grid(len(tasks))
-    fns = _hypotheses()
-    for ax, task in zip(axes, tasks):
-        g = data.results[data.results["task"] == task]
-        mean = g.groupby("n_params")["pu_unbiased"].mean()
-        ok = (mean > 0) & (mean < 1)
-        x, y = np.log(mean.index[ok]), _f(mean[ok])
-        ax.plot(x, y, "o", color="k")
-        res = classes.get(task)
-        comps = ()
-        if len(x) >= 3:  # the hypotheses refitted to the points drawn, equal weights
-            xs = np.linspace(x.min(), x.max(), 50)
-            comps = compare_hypotheses(np.asarray(x), np.asarray(y), np.full(len(x), 0.01))
-        for comp in comps:
-            fn, names = fns[comp.name]
-            ax.plot(xs, fn(xs, np.array([comp.params[n] for n in names])), lw=1,
-                    label=f"{comp.name} (BIC {comp.bic:.1f})")
-        _label(ax, f"{task}: {res.category if res else '?'}", "log N", "log(-log PU)")
-        if comps:
-            ax.legend(fontsize=7)
-    return fig
-
-
-def metric_panel(data: ReportData) -> pd.DataFrame:
-    if data.completions.empty:
-        return pd.DataFrame()
-    sizes = data.results.drop_duplicates("model").set_index("model")["n_params"].to_dict()
-    comps = data.completions[data.completions["model"].isin(sizes)]
-    return metric_table(comps, data.references, sizes)
-
-
-def fig_metrics(table: pd.DataFrame, tasks):
-    """The metric-choice panel: the same samples under each metric, rescaled to [0, 1]."""
-    fig, axes = _grid(len(tasks))
-    for ax, task in zip(axes, tasks):
-        g = table[table["task"] == task]
-        for col in ("exact_match", "contains", "edit_similarity"):
-            v = g[col].to_numpy()
-            span = v.max() - v.min()
-            ax.plot(g["n_params"], (v - v.min()) / span if span > 0 else v * 0,
-                    "o-", label=f"{col} (sharpness {sharpness(v):.2f})")
-        ax.set_xscale("log")
-        _label(ax, task, "N", "rescaled metric")
-        ax.legend(fontsize=7)
-    return fig
+    runs = [store.run_info(r) for r in run_ids]
+    k_of = {r["run_id"]: r["config"]["engine"]["k_target"] for r in runs}
+    scored = []
+    for record in forecasts:
+        rows = record.target_rows(results)
+        scored.append((record, None if rows is None else
+                       record.score_results(results, k_target=k_of[rows["run_id"].iloc[0]])))
+    refs = task_references(store, run_ids) if not comps.empty else {}
+    return ReportData(results, comps, k_of[run_ids[0]], scored, refs, runs)
 
 
 def _embed(fig, name: str, out_dir: Path) -> str:
@@ -234,15 +77,95 @@ def _embed(fig, name: str, out_dir: Path) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _table(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, escape=True, float_format=lambda v: f"{v:.4g}", border=0)
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return "∞" if math.isinf(v) else f"{v:.4g}"
+    return str(v)
 
+
+def _table(rows: list[dict], caption: str = "") -> str:
+    """A formatted HTML table: numbers to 4 significant digits, text escaped, empty cells as –."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f'<td class="{"t" if isinstance(r[c], str) else "n"}">'
+                                    f"{html.escape(_fmt(r[c]))}</td>" for c in cols) + "</tr>" for r in rows)
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _settings(info: dict) -> dict:
+    cfg, eng = info["config"], info["config"].get("engine", {})
+    return {"K (passes to stop at)": eng.get("k_target"), "budget (max samples per instance)": eng.get("max_samples"),
+            "seed": eng.get("seed"), "temperature": eng.get("temperature"), "top-p": eng.get("top_p"),
+            "top-k": eng.get("top_k") or "off", "max new tokens": eng.get("max_tokens") or "the task's",
+            "distinct completions stored per instance": eng.get("completions_cap"), "series": cfg.get("series"),
+            "instance limit": cfg.get("limit") or "none",
+            "reference scores": "off" if cfg.get("reference_scores") is False else "on",
+            "code-check isolation": cfg.get("isolation") or "not recorded (no code task, or an older run)",
+            "passuntil version": f"{info['package_version']} ({(info.get('git_commit') or 'no commit')[:10]})",
+            "created": info["created_at"]}
+
+
+def run_summary(data: ReportData) -> str:
+    """The runs' settings side by side, then every model and task with where it ran."""
+    per_run = {info["run_id"]: _settings(info) for info in data.runs}
+    settings = [{"setting": k, **{run: _fmt(v[k]) for run, v in per_run.items()}}
+                for k in next(iter(per_run.values()))]
+    models, tasks, notes = [], {}, []
+    for info in data.runs:
+        cfg, run = info["config"], info["run_id"]
+        res = data.results[data.results["run_id"] == run]
+        samplers, names = cfg.get("samplers", {}), cfg.get("task_names", {})
+        models += [{"model": m["name"], "N (non-embedding)": float(m["n_params"]), "backend": m.get("backend", ""),
+                    "path or URL": str(m.get("path") or "–"), "run": run,
+                    "sampler": ", ".join(f"{k}={v}" for k, v in sorted(samplers.get(m["name"], {}).items())) or "–",
+                    "instances done": int(res.loc[res["model"] == m["name"], "done"].sum())}
+                   for m in sorted(cfg.get("models", []), key=lambda m: m["n_params"])]
+        for source in cfg.get("tasks", []):
+            name = names.get(source) or source
+            row = tasks.setdefault(name, {"task": name, "source": source, "instances": 0, "runs": ""})
+            row["instances"] = max(row["instances"], int(res.loc[res["task"] == name, "instance_id"].nunique()))
+            row["runs"] = ", ".join(filter(None, (row["runs"], run)))
+        notes += [f"{run} {n.get('model', '')} {n.get('stage', '')}: {n.get('note', '')}" for n in cfg.get("notes", [])]
+    note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    return ('<section id="run-summary"><h2>Run summary</h2>' + _table(settings, "settings of each run")
+            + _table(models, "models") + _table(list(tasks.values()), "tasks")
+            + (f"<p>Notes recorded during the runs:</p><ul>{note_html}</ul>" if note_html else "") + "</section>")
+
+
+DEFINITIONS = f"""<section id="definitions"><h2>Definitions used on this page</h2><ul>
+<li><b>observed</b> (mean PU of a model on a task): the {OBSERVED}, where n is the samples drawn
+until K passes or the budget (K/n itself, the MLE, overstates a small p about twice at K = 2).</li>
+<li><b>exact p</b>: the {EXACT}, computed by the backend in one forward pass for exact-match checks
+(shown under this name, never as "observed").</li>
+<li><b>PU_i</b> (per-instance panels): passes / samples of one instance.</li>
+<li><b>these instances</b> (a forecast's default interval, at its level): for the mean PU over the
+forecast's own instances (the user's test set) at the target size; it is what scoring uses.
+<b>population</b>: for the mean over a fresh test set of the same size from the task's population (wider: it
+adds instance resampling).</li>
+<li><b>scored against</b>: "exact" (the mean exact p inside the "these instances" interval, where every
+instance has one) or "likelihood" (the target's cells scored by their own likelihood under the forecast:
+z = standardised excess of passes, inside when |z| is within the level's normal quantile; a cell with no pass
+counts by its binomial probability, not as "outside").</li>
+<li><b>warnings</b> of a forecast were recorded in its file when it was made, before the target was
+evaluated (codes: docs/statistics.md).</li>
+</ul></section>"""
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1300px;margin:auto;padding:1em}}
-img{{max-width:100%}} table{{border-collapse:collapse;font-size:13px}}
-td,th{{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}} pre{{white-space:pre-wrap}}
+img{{max-width:100%}} table{{border-collapse:collapse;font-size:13px;margin:.5em 0 1em}}
+caption{{text-align:left;font-weight:600}} td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}
+td.n{{text-align:right;font-variant-numeric:tabular-nums}} td.t{{text-align:left;max-width:40em;
+overflow-wrap:break-word}} figure{{margin:1em 0 2em}} figcaption{{font-size:14px;color:#333;max-width:60em}}
 </style></head><body>
 <h1>{title}</h1>
 {body}
@@ -258,54 +181,87 @@ window.addEventListener("load", function () {{
 """
 
 
+def _forecast_rows(data: ReportData) -> list[dict]:
+    rows = []
+    for r, s in data.forecasts:
+        pop = r.pop_interval
+        rows.append({"task": r.task, "target": r.target_model or "–", "N": r.target_n, "method": r.method,
+                     "forecast": r.point,
+                     "these instances": f"[{r.these_low:.4g}, {r.these_high:.4g}] ({r.level:.0%})",
+                     "population": "–" if pop is None else f"[{pop[0]:.4g}, {pop[1]:.4g}]",
+                     "observed": s.observed if s else "not evaluated yet", "exact p": s.exact if s else None,
+                     "scored against": s.against if s else None,
+                     "z": s.z if s else None,
+                     "inside": s.inside_interval if s else None,
+                     "inside (exact p)": s.exact_inside_interval if s else None,
+                     "threshold sizes": "; ".join(f"PU {t.target:g} at N = {_fmt(t.n_params)} "
+                                                  f"[{_fmt(t.low)}, {_fmt(t.high)}]" for t in r.thresholds) or "–",
+                     "made": f"{r.created_at} by {r.package_version}",
+                     "warnings (recorded before the target was evaluated)": "; ".join(r.warnings) or "none fired"})
+    return rows
+
+
 def write_report(data: ReportData, out_dir: Path, *, title: str = "passuntil report") -> Path:
     """Write report.html and the figures as PNG and SVG into out_dir; returns the HTML path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tasks = list(dict.fromkeys(data.results["task"]))
+    res = data.results
+    tasks = list(dict.fromkeys(res["task"]))
     classes = {}
     for t in tasks:
-        counts = _counts(data.results[data.results["task"] == t], data.k_target)
         try:
-            classes[t] = classify(counts)
+            classes[t] = classify(SeriesCounts.from_table(res[res["task"] == t], k_target=data.k_target))
         except Exception:  # noqa: BLE001 - too little signal to classify: drawn without a class
             classes[t] = None
-    parts = []
-    figures = [
-        ("fig2_passed_vs_samples", "Passed instances against sample count (paper Fig. 2)",
-         fig_passed_vs_samples(data, tasks)),
-        ("fig3_loss", "Reference test loss against N with the loss law (Fig. 3)", fig_loss(data, tasks)),
-        ("fig4_forecast", "log(-log PU) against log N, forecasts and outcomes (Fig. 4)",
-         fig_forecast(data, tasks)),
-        ("fig6_loss_vs_pu", "Test loss against PU, per instance (Fig. 6)", fig_loss_vs_pu(data, tasks)),
-        ("fig7_instances", "Instance-level scaling curves (Fig. 7)", fig_instances(data, tasks)),
-        ("fig8_emergence", "Emergence classes with the two-circuit and two-step fits (Fig. 8)",
-         fig_emergence(data, tasks, classes)),
-    ]
-    metrics = metric_panel(data)
-    if not metrics.empty:
-        figures.append(("metric_choice", "Metric choice: the same samples under each metric",
-                        fig_metrics(metrics, list(dict.fromkeys(metrics["task"])))))
-    for name, caption, fig in figures:
-        parts.append(f"<h2>{html.escape(caption)}</h2>"
-                     f'<img alt="{name}" src="data:image/png;base64,{_embed(fig, name, out_dir)}">')
-    rows = [{"task": r["task"], "target": r["target"]["model"], "method": r["method"],
-             "forecast": r["forecast"]["point"], "low": r["forecast"]["low"],
-             "high": r["forecast"]["high"], "observed": s["observed"] if s else np.nan,
-             "inside": (s["inside_interval"] if s else "not yet evaluated"),
-             "warnings": "; ".join(r.get("warnings", []))} for r, s in data.forecasts]
-    if rows:
-        parts.append("<h2>Forecasts against outcomes</h2>" + _table(pd.DataFrame(rows)))
-    cls = [{"task": t, "class": c.category, "curvature": c.curvature, "z": c.z}
-           for t, c in classes.items() if c is not None]
-    if cls:
-        parts.append("<h2>Emergence classes</h2>" + _table(pd.DataFrame(cls)))
-    if not metrics.empty:
-        parts.append("<h2>Metric table</h2>" + _table(metrics))
+    figures = [("fig2_passed_vs_samples", "Passed instances against sample count (paper Fig. 2)",
+                figs.fig_passed_vs_samples(res, tasks)),
+               ("fig3_loss", "Reference test loss against N with the loss law (Fig. 3)", figs.fig_loss(res, tasks)),
+               ("fig4_forecast", "Observed mean PU against N, forecasts and outcomes (Fig. 4)",
+                figs.fig_forecast(res, tasks, data.forecasts)),
+               ("fig6_loss_vs_pu", "Test loss against PU, per instance (Fig. 6)", figs.fig_loss_vs_pu(res, tasks)),
+               ("fig7_instances", "Instance-level scaling curves (Fig. 7)", figs.fig_instances(res, tasks)),
+               ("fig8_emergence", "Emergence classes with the two-circuit and two-step fits (Fig. 8)",
+                figs.fig_emergence(res, tasks, classes))]
+    if any(r.pass_at_k for r, _ in data.forecasts):
+        figures.insert(3, ("fig_pass_at_k", "Predicted pass@k of each forecast's target model",
+                           figs.fig_pass_at_k(data.forecasts)))
+    metrics = pd.DataFrame()
     if not data.completions.empty:
-        top = (data.completions.sort_values("count", ascending=False)
-               .groupby(["model", "task"]).head(2)[["model", "task", "instance_id", "text", "count",
-                                                    "passed"]])
-        parts.append("<h2>Most frequent completions</h2>" + _table(top.head(60)))
+        sizes = res.drop_duplicates("model").set_index("model")["n_params"].to_dict()
+        metrics = metric_table(data.completions[data.completions["model"].isin(sizes)], data.references, sizes)
+        coverage = 1 - res["overflow"].sum() / max(1, res["samples"].sum())
+        figures.append(("metric_choice", "Metric choice: the same samples under each metric",
+                        figs.fig_metrics(metrics, list(dict.fromkeys(metrics["task"])), coverage)))
+    parts = [run_summary(data), DEFINITIONS]
+    for name, heading, (fig, caption) in figures:
+        parts.append(f'<figure id="{name}"><h2>{html.escape(heading)}</h2>'
+                     f'<img alt="{name}" src="data:image/png;base64,{_embed(fig, name, out_dir)}">'
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    if data.forecasts:
+        parts.append("<h2>Forecasts against outcomes</h2>" + _table(
+            _forecast_rows(data), "observed = mean unbiased PassUntil estimate of the target (reported beside "
+                                  "the score); inside = the score's verdict: the exact p within the 'these instances' "
+                                  "interval, or |z| of the cells' likelihood within the level's normal quantile"))
+    cls = [{"task": t, "class": c.category, "curvature": c.curvature, "SE": c.curvature_se, "z": c.z,
+            "sizes used": c.models_used, "note": c.note or "–"} for t, c in classes.items() if c is not None]
+    parts.append("<h2>Emergence classes</h2>" + _table(cls, "instance-level curvature test (|z| > 2.5: not linear)"))
+    if not metrics.empty:
+        share = (1 - res.groupby(["task", "model"])["overflow"].sum()
+                 / res.groupby(["task", "model"])["samples"].sum().clip(lower=1))
+        rows = [{"task": r.task, "model": r.model, "N": float(r.n_params),
+                 "exact match (stored samples)": float(r.exact_match), "contains": float(r.contains),
+                 "char edit distance": float(r.edit_distance), "token edit distance": float(r.token_edit_distance),
+                 "edit similarity": float(r.edit_similarity),
+                 "share of samples stored": float(share.get((r.task, r.model), float("nan")))}
+                for r in metrics.itertuples()]
+        parts.append("<h2>Metric table</h2>" + _table(
+            rows, "per model x task, averaged over instances, from the stored distinct completions weighted by "
+                  "their counts; exact match here is the pass rate of the stored samples (not the observed PU)"))
+    if not data.completions.empty:
+        top = (data.completions.sort_values("count", ascending=False).groupby(["model", "task"]).head(2).head(60))
+        parts.append("<h2>Most frequent completions</h2>" + _table(
+            [{"model": r.model, "task": r.task, "instance": str(r.instance_id), "text": str(r.text)[:300],
+              "count": int(r.count), "passed": bool(r.passed)} for r in top.itertuples()],
+            "the two most frequent stored texts per model x task (texts cut at 300 characters)"))
     page = out_dir / "report.html"
     page.write_text(PAGE.format(title=html.escape(title), body="\n".join(parts)), encoding="utf-8")
     return page

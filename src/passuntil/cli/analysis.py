@@ -1,46 +1,37 @@
 """Commands that analyse a stored run: fit, forecast, score-forecast, backtest, emergence, plan,
-metrics, report."""
+metrics, report. Each parses its options (numbers checked by `cli.params`), calls one function
+of `passuntil.analysis` (or the report) and formats what it returns."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
-import numpy as np
 from rich.table import Table
 
-from passuntil.cli.common import cli, console, open_store, pick_run, task_counts
+from passuntil import analysis
+from passuntil.cli.common import cli, console
+from passuntil.cli.params import COUNT, PASS_PROBABILITY, POSITIVE, PROBABILITY
 from passuntil.errors import UserError
+from passuntil.jsonio import dumps
+
+LEVEL = click.option("--level", type=PROBABILITY, default=0.9, show_default=True,
+                     help="Interval level, in (0, 1).")
 
 
 @cli.command()
 @click.argument("store_path")
 @click.option("--run", "run_ids", multiple=True, help="Runs to include (default: all).")
-@click.option("--forecast", "forecast_files", multiple=True, type=click.Path(exists=True),
-              help="Forecast files to draw and score against the runs' results.")
+@click.option("--forecast", "forecast_files", multiple=True, help="Forecast files to draw and score against the runs' results.")
 @click.option("--out", "out_dir", default="passuntil-report", show_default=True)
 def report(store_path, run_ids, forecast_files, out_dir):
     """One self-contained HTML report (plus PNG/SVG figures) of a run store."""
     from passuntil.report import load_report_data, write_report
-    from passuntil.scaling.forecast import read_forecast, score_forecast
+    from passuntil.scaling.forecast import read_forecast
 
-    store = open_store(store_path, create=False)
-    runs = list(run_ids) or store.runs()
-    if not runs:
-        raise UserError(f"{store_path} holds no runs")
-    data = load_report_data(store, runs)
-    for f in forecast_files:
-        record = read_forecast(Path(f))
-        g = data.results[(data.results["task"] == record["task"])
-                         & (data.results["model"] == record["target"]["model"])]
-        score = None
-        ids = record["data"]["instance_ids"]
-        if set(ids) <= set(g["instance_id"]):
-            g = g.set_index("instance_id").loc[ids]
-            score = score_forecast(record, g["passes"].to_numpy(), g["samples"].to_numpy(),
-                                   exact_p=g["exact_p"].to_numpy() if "exact_p" in g else None)
-        data.forecasts.append((record, score))
+    records = [read_forecast(f) for f in forecast_files]
+    store, runs = analysis.open_runs(store_path, run_ids)
+    data = load_report_data(store, runs, forecasts=records)
     page = write_report(data, Path(out_dir), title=f"passuntil report: {Path(store_path).name}")
     click.echo(f"report: {page}")
 
@@ -50,28 +41,32 @@ def report(store_path, run_ids, forecast_files, out_dir):
 @click.option("--task", required=True)
 @click.option("--run", "run_id", default=None)
 @click.option("--target-model", default=None, help="A model of the run to hold out and forecast.")
-@click.option("--target-n", type=float, default=None, help="Or a size (non-embedding parameters).")
+@click.option("--target-n", type=POSITIVE, default=None, help="Or a size (non-embedding parameters).")
 @click.option("--method", default="likelihood", show_default=True)
-@click.option("--level", type=float, default=0.9, show_default=True)
-@click.option("--threshold", "thresholds", type=float, multiple=True, help="Also the N where mean PU reaches this.")
+@LEVEL
+@click.option("--threshold", "thresholds", type=PROBABILITY, multiple=True,
+              help="Also the N where mean PU reaches this (in (0, 1)).")
 @click.option("--out", "out_path", required=True, help="Forecast file to create (never overwritten).")
 def forecast(store_path, task, run_id, target_model, target_n, method, level, thresholds, out_path):
     """Write a pre-registered forecast file before the target model is evaluated."""
-    from passuntil.scaling.forecast import make_forecast, write_forecast
+    from passuntil.scaling.forecast import write_forecast
+    from passuntil.scaling.forecast_record import k_label
 
-    exclude = (target_model,) if target_model else ()
-    counts, df = task_counts(store_path, run_id, task, exclude)
-    if target_model:
-        target_n = float(df.loc[df["model"] == target_model, "n_params"].iloc[0])
-    if not target_n:
-        raise UserError("give --target-model or --target-n")
-    record = make_forecast(counts, target_n, task=task, method=method, level=level,
-                           target_model=target_model, thresholds=thresholds)
+    if Path(out_path).exists():  # before any fitting: a pre-registration is made once
+        raise UserError(f"{out_path} exists: a pre-registered forecast is never overwritten; choose a new file")
+    record = analysis.forecast(store_path, task=task, run_id=run_id, target_model=target_model,
+                               target_n=target_n, method=method, level=level, thresholds=thresholds)
     write_forecast(record, out_path)
-    f = record["forecast"]
-    click.echo(f"{task} at N={target_n:.4g}: mean PU {f['point']:.4g} [{f['low']:.4g}, {f['high']:.4g}] "
-               f"({level:.0%}, {method}); wrote {out_path}")
-    for w in record["warnings"]:
+    pop = record.pop_interval
+    population = "" if pop is None else f"; population [{pop[0]:.4g}, {pop[1]:.4g}]"
+    click.echo(f"{task} at N={record.target_n:.4g}: mean PU {record.point:.4g}; these instances "
+               f"[{record.these_low:.4g}, {record.these_high:.4g}]{population} ({level:.0%}, {record.method}); "
+               f"wrote {out_path}")
+    if record.pass_at_k:
+        click.echo("pass@k at the target (mean over these instances, interval): " + "; ".join(
+            f"k={k_label(q.k)} {q.mean:.3g} [{q.low:.3g}, {q.high:.3g}]"
+            for q in record.pass_at_k if q.k in (1, 10, 100, 1000, 10_000, 100_000, 1_000_000)))
+    for w in record.warnings:
         click.echo(f"warning: {w}")
 
 
@@ -82,47 +77,18 @@ def forecast(store_path, task, run_id, target_model, target_n, method, level, th
 @click.option("--model", "models", multiple=True, help="Fit on these models only [all finished].")
 @click.option("--method", "methods", multiple=True,
               help="likelihood, instance-ls, dataset, loss-assisted (repeat) [all that apply].")
-@click.option("--target-n", type=float, default=None, help="Also forecast mean PU at this N.")
-@click.option("--level", type=float, default=0.9, show_default=True)
+@click.option("--target-n", type=POSITIVE, default=None, help="Also forecast mean PU at this N.")
+@LEVEL
 @click.option("--json", "as_json", is_flag=True, help="Print the fits as JSON.")
 def fit(store_path, task, run_id, models, methods, target_n, level, as_json):
     """Fit the loss law and the task scaling law (each method) on any subset of the series."""
-    import json as _json
-
-    from passuntil.scaling import fit_loss_law
-    from passuntil.scaling.task_law import FITTERS
-
-    counts, df = task_counts(store_path, run_id, task)
-    if models:
-        missing = set(models) - set(counts.models)
-        if missing:
-            raise UserError(f"no finished results for model(s) {sorted(missing)} in task {task!r}")
-        counts = counts.select_models([counts.models.index(m) for m in models])
-    out = {"task": task, "models": list(counts.models), "n_params": counts.n_params.tolist()}
-    if counts.ref_loss is not None and counts.n_params.size >= 3:
-        lf = fit_loss_law(counts.n_params, np.nanmean(counts.ref_loss, axis=0))
-        out["loss_law"] = {"c": lf.c, "alpha": lf.alpha, "l0": lf.l0}
-    out["fits"] = {}
-    for method in methods or FITTERS:
-        if method not in FITTERS:
-            raise UserError(f"unknown method {method!r} (use {', '.join(FITTERS)})")
-        try:
-            tf = FITTERS[method](counts)
-        except UserError as err:
-            if methods:
-                raise
-            out["fits"][method] = {"skipped": str(err)}
-            continue
-        row = {"alpha_median": float(np.nanmedian(tf.alpha)), "instances": int(tf.a.size),
-               "unfitted": int(np.isnan(tf.a).sum()), "fit": tf.to_dict()}
-        if target_n:
-            row["forecast"] = tf.forecast(target_n, level=level).to_dict()
-        out["fits"][method] = row
+    out = analysis.fit_summary(store_path, task=task, run_id=run_id, models=models, methods=methods,
+                               target_n=target_n, level=level)
     if as_json:
-        click.echo(_json.dumps(out, indent=1))
+        click.echo(dumps(out, indent=1))
         return
-    if "loss_law" in out:
-        ll = out["loss_law"]
+    ll = out.get("loss_law", {})
+    if "c" in ll:
         click.echo(f"loss law: L(N) = ({ll['c']:.4g}/N)^{ll['alpha']:.3f} + {ll['l0']:.3f}")
     table = Table(title=f"{task}: task scaling law log(-log PU) = a - alpha (log N - x0), "
                         f"{len(out['models'])} models")
@@ -130,10 +96,10 @@ def fit(store_path, task, run_id, models, methods, target_n, level, as_json):
         table.add_column(col)
     for method, row in out["fits"].items():
         if "skipped" in row:
-            table.add_row(method, "-", "-", "-", row["skipped"][:60], "")
+            table.add_row(method, "-", "-", "-", row["skipped"][:80], "")
             continue
-        fc = row.get("forecast")
-        table.add_row(method, f"{row['alpha_median']:.3f}", str(row["instances"]),
+        fc, alpha = row.get("forecast"), row["alpha_median"]
+        table.add_row(method, "-" if alpha is None else f"{alpha:.3f}", str(row["instances"]),
                       str(row["unfitted"]), f"{fc['point']:.4g}" if fc else "",
                       f"[{fc['low']:.4g}, {fc['high']:.4g}]" if fc else "")
     console.print(table)
@@ -145,22 +111,10 @@ def fit(store_path, task, run_id, models, methods, target_n, level, as_json):
 @click.option("--model", default=None, help="The evaluated target model [the forecast's target].")
 @click.option("--run", "run_id", default=None)
 def score_forecast_cmd(forecast_path, store_path, model, run_id):
-    """Score a forecast file against the target model's results."""
-    from passuntil.scaling.forecast import read_forecast, score_forecast
-
-    record = read_forecast(forecast_path)
-    model = model or record["target"]["model"]
-    if not model:
-        raise UserError("the forecast names no target model; pass --model")
-    _, df = task_counts(store_path, run_id, record["task"])
-    g = df[df["model"] == model].set_index("instance_id")
-    missing = set(record["data"]["instance_ids"]) - set(g.index)
-    if missing:
-        raise UserError(f"model {model!r} has no finished result for {len(missing)} instance(s) of the forecast")
-    ids = record["data"]["instance_ids"]
-    exact = g.loc[ids, "exact_p"].to_numpy(dtype=float) if "exact_p" in g else None
-    score = score_forecast(record, g.loc[ids, "passes"].to_numpy(), g.loc[ids, "samples"].to_numpy(), exact)
-    click.echo(json.dumps(score, indent=1))
+    """Score a forecast file against the target model's results (JSON; `observed_is` says what
+    "observed" means)."""
+    score = analysis.score_forecast_file(forecast_path, store_path, model=model, run_id=run_id)
+    click.echo(dumps(score.to_dict(), indent=1))
 
 
 @cli.command("backtest")
@@ -168,18 +122,22 @@ def score_forecast_cmd(forecast_path, store_path, model, run_id):
 @click.option("--task", required=True)
 @click.option("--run", "run_id", default=None)
 @click.option("--method", default="likelihood", show_default=True)
-def backtest_cmd(store_path, task, run_id, method):
+@LEVEL
+def backtest_cmd(store_path, task, run_id, method, level):
     """Hold out the largest size, then each inner size; report errors and coverage."""
-    from passuntil.scaling.forecast import backtest
-
-    counts, _ = task_counts(store_path, run_id, task)
-    rows = backtest(counts, method=method)
-    table = Table(title=f"{task}: backtest ({method}, 90% intervals)")
-    for col in ("held out", "kind", "N", "observed", "forecast", "interval", "covered"):
+    rows = analysis.backtest(store_path, task=task, run_id=run_id, method=method, level=level)
+    title = (f"{task}: backtest ({method}, {level:.0%} 'these instances' intervals; observed = mean "
+             "unbiased PU; scored against the exact p where stored, else the held-out cells' likelihood)")
+    if rows and rows[0].get("method", "exact-ls") == "exact-ls":  # an exact-mode run: no samples at all
+        title = f"{task}: backtest (exact-ls, {level:.0%} lack-of-fit intervals; observed = mean exact p)"
+    table = Table(title=title)
+    for col in ("held out", "kind", "N", "observed", "forecast", "interval", "against", "z", "covered"):
         table.add_column(col)
     for r in rows:
         table.add_row(str(r["held_out"]), r["kind"], f"{r['n_params']:.3g}", f"{r['observed']:.4g}", f"{r['point']:.4g}",
-                      f"[{r['low']:.4g}, {r['high']:.4g}]", "yes" if r["covered"] else "no")
+                      f"[{r['low']:.4g}, {r['high']:.4g}]",
+                      r["against"] if r["exact"] is None else f"exact p {r['exact']:.4g}",
+                      "-" if r["z"] is None else f"{r['z']:+.2f}", "yes" if r["covered"] else "no")
     console.print(table)
 
 
@@ -189,38 +147,32 @@ def backtest_cmd(store_path, task, run_id, method):
 @click.option("--run", "run_id", default=None)
 def emergence_cmd(store_path, task, run_id):
     """Classify the task's scaling curve (linear / convex / concave / mixed)."""
-    from passuntil.emergence import classify
-
-    counts, _ = task_counts(store_path, run_id, task)
-    click.echo(json.dumps(classify(counts).to_dict(), indent=1))
+    click.echo(dumps(analysis.emergence(store_path, task=task, run_id=run_id), indent=1))
 
 
 @cli.command()
-@click.option("--pu", "pu_guesses", type=float, multiple=True, help="A guessed pass probability (repeat).")
+@click.option("--pu", "pu_guesses", type=PASS_PROBABILITY, multiple=True,
+              help="A guessed pass probability in [0, 1] (repeat; 0: never passes).")
 @click.option("--store", "store_path", default=None, help="Or take guesses from a pilot run's PU ...")
 @click.option("--task", default=None, help="... for this task ...")
 @click.option("--model", default=None, help="... on this model (exact p where recorded, else PU).")
 @click.option("--run", "run_id", default=None)
-@click.option("--k", "k_target", type=int, default=2, show_default=True)
-@click.option("--max-samples", type=int, default=10_000, show_default=True)
-@click.option("--samples-per-s", type=float, default=None, help="Your sampler's measured throughput.")
+@click.option("--k", "k_target", type=COUNT, default=2, show_default=True)
+@click.option("--max-samples", type=COUNT, default=10_000, show_default=True)
+@click.option("--samples-per-s", type=POSITIVE, default=None, help="Your sampler's measured throughput.")
 def plan(pu_guesses, store_path, task, model, run_id, k_target, max_samples, samples_per_s):
     """Expected samples (and time) PassUntil will need, per instance and in total."""
     from passuntil.scaling.planner import plan_budget
 
+    if pu_guesses and store_path:
+        raise UserError("give --pu guesses or --store/--task/--model, not both")
     guesses = list(pu_guesses)
     if store_path:
-        if not task or not model:
-            raise UserError("with --store, give --task and --model")
-        _, df = task_counts(store_path, run_id, task)
-        g = df[df["model"] == model]
-        if g.empty:
-            raise UserError(f"no finished results for model {model!r}")
-        guesses = g["exact_p"].where(g["exact_p"].notna(), g["pu"]).tolist()
+        guesses = analysis.pilot_guesses(store_path, run_id=run_id, task=task, model=model)
     if not guesses:
         raise UserError("give --pu guesses or --store/--task/--model")
-    if k_target < 1 or max_samples < k_target:
-        raise UserError("need --k >= 1 and --max-samples >= --k")
+    if max_samples < k_target:
+        raise UserError(f"--max-samples ({max_samples}) must be at least --k ({k_target})")
     result = plan_budget(guesses, k_target=k_target, max_samples=max_samples, samples_per_s=samples_per_s)
     stops = sum(s > 0.5 for s in result.p_budget_stop)
     click.echo(f"{len(guesses)} instances, K={k_target}, budget {max_samples:,}: expected "
@@ -237,17 +189,9 @@ def plan(pu_guesses, store_path, task, model, run_id, k_target, max_samples, sam
                    "score), from each model's teacher-forced scores.")
 def metrics_cmd(store_path, run_id, scores):
     """The same stored samples under exact match, contains and edit distance, with sharpness."""
-    from passuntil.metrics import metric_table, resolution_floor, sharpness
-    from passuntil.tasks import get_task
+    from passuntil.metrics import resolution_floor, sharpness
 
-    store = open_store(store_path, create=False)
-    run_id = pick_run(store, run_id)
-    comps = store.completions(run_id)
-    if comps.empty:
-        raise UserError(f"run {run_id!r} stored no completions")
-    refs = {(t, x.id): x.references[0] for t in comps["task"].unique() for x in get_task(t).instances}
-    sizes = {m["name"]: m["n_params"] for m in store.models(run_id)}
-    table = metric_table(comps, refs, sizes)
+    run_id, table, n_inst, coverage = analysis.metric_table(store_path, run_id)
     out = Table(title=f"{run_id}: one set of samples, five metrics (sharpness = largest step / total change)")
     for col in ("task", "model", "N", "exact match", "contains", "char edit distance",
                 "token edit distance", "edit similarity"):
@@ -256,35 +200,20 @@ def metrics_cmd(store_path, run_id, scores):
     for task, g in table.groupby("task", sort=False):
         for r in g.itertuples():
             out.add_row(task, r.model, f"{r.n_params:.3g}", f"{r.exact_match:.4g}", f"{r.contains:.4g}",
-                        f"{r.edit_distance:.3g}", f"{r.token_edit_distance:.3g}",
-                        f"{r.edit_similarity:.3g}")
+                        f"{r.edit_distance:.3g}", f"{r.token_edit_distance:.3g}", f"{r.edit_similarity:.3g}")
         out.add_row(task, "[b]sharpness[/]", "", *(f"{sharpness(g[c]):.2f}" for c in cols))
     console.print(out)
-    n_inst = comps.groupby("task")["instance_id"].nunique()
+    click.echo(f"computed from the stored distinct completions, weighted by their counts: they hold "
+               f"{coverage:.1%} of the counted samples (a run stores at most its completions cap of distinct "
+               "texts per instance); exact match here is the pass rate of those samples, not the unbiased PU")
     click.echo("; ".join(f"{t}: a {n}-instance test set cannot show accuracy below {resolution_floor(n):.3g}"
                          for t, n in n_inst.items()))
     if scores:
-        _score_table(store, run_id)
-
-
-def _score_table(store, run_id):
-    """Per model x task: mean reference log-prob, multiple-choice grade and Brier score."""
-    from passuntil.metrics import score_metrics
-    from passuntil.series import ModelSpec, open_sampler
-    from passuntil.tasks import get_task
-
-    config = store.run_config(run_id)
-    tasks = [get_task(t) for t in config["tasks"]]
-    out = Table(title=f"{run_id}: metrics from log-probs (mc grade / Brier need listed choices)")
-    for col in ("task", "model", "N", "ref log-prob", "mc grade", "Brier"):
-        out.add_column(col)
-    for m in sorted(config["models"], key=lambda m: m["n_params"]):
-        sampler = open_sampler(ModelSpec(**m), tasks)
-        for task in tasks:
-            rows = score_metrics(sampler, task)
-            mean = {k: float(np.nanmean([r[k] for r in rows])) if any(r[k] == r[k] for r in rows)
-                    else float("nan") for k in ("ref_logprob", "mc_grade", "brier")}
-            out.add_row(task.name, m["name"], f"{m['n_params']:.3g}", f"{mean['ref_logprob']:.3f}",
-                        f"{mean['mc_grade']:.3f}", f"{mean['brier']:.3f}")
-    console.print(out)
-
+        run_id, rows = analysis.score_rows(store_path, run_id)
+        out = Table(title=f"{run_id}: metrics from log-probs (mc grade / Brier need listed choices)")
+        for col in ("task", "model", "N", "ref log-prob", "mc grade", "Brier"):
+            out.add_column(col)
+        for r in rows:
+            out.add_row(r["task"], r["model"], f"{r['n_params']:.3g}", f"{r['ref_logprob']:.3f}",
+                        f"{r['mc_grade']:.3f}", f"{r['brier']:.3f}")
+        console.print(out)

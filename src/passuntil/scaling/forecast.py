@@ -1,147 +1,226 @@
 """Forecasts that are forecasts: pre-registered files, scoring, backtests, thresholds.
 
-`make_forecast` fits a task law on the models evaluated so far and returns a record holding the
-method, the exact data it used (with a SHA-256 content hash), the point forecast and interval
-for a target size, the time, package version and git commit, and warnings (a task whose curve
-looks concave — accelerated emergence — is flagged: extrapolating a line is unsafe there).
-`write_forecast` never overwrites an existing file: a pre-registration is made once.
-`score_forecast` checks the record's hash and scores it against the target model's counts.
-`backtest` holds out the largest size (and each inner size in turn) and reports errors and
-interval coverage.
+`make_forecast` fits a task law on the models evaluated so far and returns a `ForecastRecord`
+(scaling/forecast_record.py) holding the method, the exact data it used, the point forecast
+with its "these instances" interval (the user's own test set: the default and what scoring
+uses) and its "population" interval, per-instance forecasts, the pass@k profile of the target
+model (`pass_at_k_profile`), thresholds, the time, package version and git commit, and the
+warnings of `scaling.warnings.forecast_warnings` (each `code: message`). An all-zero task is
+refused with that module's "all-zero" line (no law, no forecast). The file's SHA-256 covers
+all of it. `write_forecast` never overwrites an existing file: a pre-registration is made once.
+`read_forecast` refuses a file edited after it was made; `record.score(...)` scores it.
+`backtest` holds out the largest size (and each inner size in turn) and scores each held-out
+size's cells with `scaling.scoring.score_cells` (exact probabilities where the store has them).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
+import math
 from pathlib import Path
 
 import numpy as np
 
-from passuntil import __version__, stats
+from passuntil import stats
 from passuntil.emergence import classify
 from passuntil.errors import UserError
+from passuntil.jsonio import loads
 from passuntil.scaling.data import SeriesCounts
+from passuntil.scaling.forecast_record import (
+    EXACT,
+    OBSERVED,
+    SCHEMA,
+    ForecastData,
+    ForecastRecord,
+    ForecastScore,
+    PassAtK,
+    Threshold,
+)
+from passuntil.scaling.scoring import score_draws
 from passuntil.scaling.task_law import FITTERS, threshold_n
+from passuntil.scaling.warnings import forecast_warnings
 
-SCHEMA = "passuntil-forecast/1"
+__all__ = ["EXACT", "OBSERVED", "PASS_AT_K_GRID", "SCHEMA", "ForecastData", "ForecastRecord", "ForecastScore",
+           "PassAtK", "Threshold", "backtest", "check_forecast_options", "fit_task_law", "forecast_at",
+           "make_forecast", "pass_at_k_profile", "score_forecast", "read_forecast", "write_forecast"]
+
+# k = 1, 3, 10, 32, ..., 316228, 1e6: half-decades up to the 1e6 the issue asks for
+PASS_AT_K_GRID = tuple(int(round(10 ** (e / 2))) for e in range(13))
 
 
-def _data_record(counts: SeriesCounts) -> dict:
-    return {"n_params": counts.n_params.tolist(), "models": list(counts.models),
-            "instance_ids": list(counts.instance_ids), "k_target": counts.k_target,
-            "passes": counts.passes.tolist(), "samples": counts.samples.tolist()}
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("passuntil")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
 
 
-def content_hash(data: dict) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def check_forecast_options(*, method: str, level: float, target_n: float | None = None,
+                           thresholds=()) -> None:
+    """One validation for every forecast entry point (UserError, one line each)."""
+    if method not in FITTERS:
+        raise UserError(f"unknown fit method {method!r} (use {', '.join(FITTERS)})")
+    if not (isinstance(level, (int, float)) and 0 < level < 1):
+        raise UserError(f"the interval level must lie strictly between 0 and 1 (got {level})")
+    if target_n is not None and not (math.isfinite(target_n) and target_n > 0):
+        raise UserError(f"the target size must be a finite number > 0 (got {target_n})")
+    for t in thresholds:
+        if not (math.isfinite(t) and 0 < t < 1):
+            raise UserError(f"a threshold is a mean PU strictly between 0 and 1 (got {t})")
+
+
+def fit_task_law(counts: SeriesCounts, method: str):
+    """FITTERS[method](counts), with data the method cannot use turned into one UserError line."""
+    try:
+        return FITTERS[method](counts)
+    except (ValueError, np.linalg.LinAlgError) as err:  # e.g. no test losses, too few passes
+        raise UserError(f"the {method} fit cannot run on this data: {err}") from None
+
+
+def forecast_at(fit, n_params: float, *, level: float):
+    """fit.forecast(N), with a fit too weak to draw from (e.g. a bootstrap with no usable
+    resample) turned into one UserError line."""
+    if fit.draws_ab is not None and len(fit.draws_ab) == 0:
+        raise UserError(f"the {fit.method} fit cannot forecast from this data: no resample of it could be "
+                        "fitted (too few sizes with 0 < mean PU < 1)")
+    try:
+        return fit.forecast(n_params, level=level)
+    except (ValueError, np.linalg.LinAlgError) as err:
+        raise UserError(f"the {fit.method} fit cannot forecast from this data: {err}") from None
+
+
+def _threshold(fit, target: float, level: float) -> Threshold:
+    """The N where the mean PU reaches target; inf (never within the searched range) also where
+    the quantiles of draws that never reach it come out as NaN (inf - inf)."""
+    with np.errstate(invalid="ignore"):
+        n, low, high = threshold_n(fit, target, level=level)
+    return Threshold(float(target), *(v if v == v else math.inf for v in (n, low, high)))
+
+
+def pass_at_k_profile(fit, n_params: float, *, level: float = 0.9, ks=PASS_AT_K_GRID, draws: int = 2000,
+                      seed: int = 0) -> tuple[PassAtK, ...]:
+    """Mean pass@k over the fitted instances at N for each k, with its "these instances"
+    interval: per posterior draw of every instance's PU p_i, mean_i 1 - (1 - p_i)^k; the mean and
+    quantiles of that over draws. The target model's pass@k curve, predicted without sampling it."""
+    per = np.clip(fit.instance_draws(n_params, draws=draws, seed=seed), 0.0, 1.0)  # (B, I)
+    with np.errstate(divide="ignore"):
+        log_miss = np.log1p(-per)  # -inf where p = 1 (pass@k = 1)
+    qs = [(1 - level) / 2, (1 + level) / 2]
+    out = []
+    for k in ks:
+        means = (-np.expm1(k * log_miss)).mean(axis=1)
+        lo, hi = np.quantile(means, qs)
+        out.append(PassAtK(int(k), float(means.mean()), float(lo), float(hi)))
+    return tuple(out)
+
+
+def refuse_all_zero(counts: SeriesCounts, task: str) -> None:
+    """An all-zero task has no law to extrapolate: one UserError line (the "all-zero" warning)."""
+    if int(np.asarray(counts.passes).sum()) == 0:
+        w = forecast_warnings(counts, None, float(counts.n_params.max()))[0]
+        raise UserError(f"no forecast for {task}: {w.code}: {w.message}")
 
 
 def make_forecast(counts: SeriesCounts, target_n: float, *, task: str, method: str = "likelihood",
                   level: float = 0.9, target_model: str | None = None,
-                  thresholds: tuple[float, ...] = ()) -> dict:
-    if method not in FITTERS:
-        raise UserError(f"unknown fit method {method!r} (use {', '.join(FITTERS)})")
-    if target_n <= 0:
-        raise UserError("the target size must be > 0")
-    try:
-        fit = FITTERS[method](counts)
-    except ValueError as err:  # data the method cannot use (e.g. no test losses, too few passes)
-        raise UserError(f"{method} fit: {err}") from None
-    f = fit.forecast(target_n, level=level)
-    warnings = list(f.warnings)
-    shape = classify(counts, compare=False)
-    if shape.accelerated:
-        warnings.append(f"the scaling curve looks {shape.category} (curvature z = {shape.z:.1f}): "
-                        "accelerated emergence makes extrapolating the task law unsafe")
+                  thresholds: tuple[float, ...] = ()) -> ForecastRecord:
+    """Fit `method` on `counts` and forecast the mean PU at `target_n` (see the module docstring)."""
+    check_forecast_options(method=method, level=level, target_n=target_n, thresholds=thresholds)
+    refuse_all_zero(counts, task)
+    fit = fit_task_law(counts, method)
+    f = forecast_at(fit, target_n, level=level)
+    if not all(math.isfinite(v) for v in (f.point, f.low, f.high)):
+        raise UserError(f"the {method} fit gives no finite forecast at N={target_n:.4g} on this data")
+    found = tuple(_threshold(fit, t, level) for t in thresholds)
+    # forecast_warnings reports lack of fit itself (by instance id); the fit's own line is dropped
+    warnings = [w for w in f.warnings if not w.startswith("lack of fit")]
+    warnings += [f"{w.code}: {w.message}" for w in forecast_warnings(
+        counts, fit, target_n, thresholds_n=[t.n_params for t in found if math.isfinite(t.n_params)])]
     if target_n < counts.n_params.max():
-        warnings.append("the target is inside the fitted range (interpolation, not a forecast)")
+        warnings.append("interpolation: the target is not beyond the largest fitted size (not a forecast)")
+    shape = classify(counts, compare=False)
+    pop = (f.population_low, f.population_high)
     from passuntil.store import git_commit
 
-    data = _data_record(counts)
-    return {
-        "schema": SCHEMA, "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "package_version": __version__, "git_commit": git_commit(), "task": task, "method": method,
-        "target": {"n_params": float(target_n), "model": target_model},
-        "forecast": {"point": f.point, "low": f.low, "high": f.high, "level": level},
-        "thresholds": [dict(zip(("target", "n_params", "low", "high"), (t, *threshold_n(fit, t, level=level))))
-                       for t in thresholds],
-        "emergence": {"category": shape.category, "curvature_z": shape.z},
-        "warnings": warnings, "data": data, "data_sha256": content_hash(data),
-    }
+    return ForecastRecord(
+        task=task, method=method, level=float(level), target_n=float(target_n), target_model=target_model,
+        point=f.point, low=f.low, high=f.high, data=ForecastData.from_counts(counts),
+        population_low=float(pop[0]) if all(map(math.isfinite, pop)) else None,
+        population_high=float(pop[1]) if all(map(math.isfinite, pop)) else None,
+        instance_point=tuple(f.instance_point), instance_low=tuple(f.instance_low),
+        instance_high=tuple(f.instance_high), dispersion=tuple(f.dispersion),
+        pass_at_k=pass_at_k_profile(fit, target_n, level=level),
+        thresholds=found,
+        emergence=shape.category, curvature_z=float(shape.z) if math.isfinite(shape.z) else None,
+        warnings=tuple(warnings), created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        package_version=_version(), git_commit=git_commit())
 
 
-def write_forecast(record: dict, path: str | Path) -> Path:
+def write_forecast(record: ForecastRecord, path: str | Path) -> Path:
     path = Path(path)
     if path.exists():
         raise UserError(f"{path} exists: a pre-registered forecast is never overwritten; choose a new file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "x") as fh:
-        json.dump(record, fh, indent=1, allow_nan=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "x") as fh:
+            fh.write(record.to_json())
+    except OSError as err:
+        raise UserError(f"cannot write the forecast file {path}: {err.strerror or err}") from None
     return path
 
 
-def read_forecast(path: str | Path) -> dict:
+def read_forecast(path: str | Path) -> ForecastRecord:
+    """The verified record of a forecast file; one UserError line for anything else."""
     try:
-        record = json.loads(Path(path).read_text())
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"no forecast file {path}") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not a forecast file ({err})") from None
-    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
-        raise UserError(f"{path} is not a passuntil forecast (schema {SCHEMA})")
-    if content_hash(record["data"]) != record.get("data_sha256"):
-        raise UserError(f"{path}: the data no longer matches its hash; the file was edited after it was made")
-    return record
-
-
-def score_forecast(record: dict, passes: np.ndarray, samples: np.ndarray, exact_p: np.ndarray | None = None) -> dict:
-    """Score against the target model's counts (one entry per instance of the forecast's data).
-
-    The observed value is the mean exact pass probability where the backend computed it (exact
-    match with a finite reference set), else the mean unbiased PassUntil estimate; with K = 1
-    the latter is only "did the first sample pass" per instance, so prefer K >= 2 for targets.
-    """
-    passes, samples = np.asarray(passes), np.asarray(samples)
-    if passes.size != len(record["data"]["instance_ids"]) or np.any(samples < 1):
-        raise UserError("the target model's results must cover every instance of the forecast")
-    k = record["data"]["k_target"]
-    # the forecast targets the mean pass probability; the mean of K/n overstates it (2x at small
-    # p with K = 2), so the score uses the unbiased estimate and reports the MLE beside it
-    observed_unbiased = float(stats.pu_unbiased(passes, samples, k_target=k).mean())
-    observed_mle = float(stats.pu_mle(passes, samples).mean())
-    has_exact = exact_p is not None and not np.any(np.isnan(np.asarray(exact_p, dtype=float)))
-    observed = float(np.mean(exact_p)) if has_exact else observed_unbiased
-    fc = record["forecast"]
-    return {"observed": observed, "observed_from": "exact_p" if has_exact else "unbiased PU",
-            "observed_mean_pu": observed_unbiased, "observed_mean_pu_mle": observed_mle,
-            "point": fc["point"], "low": fc["low"], "high": fc["high"], "level": fc["level"],
-            "abs_error": abs(fc["point"] - observed), "rel_error": abs(fc["point"] - observed) / max(observed, 1e-300),
-            "log_ratio": float(np.log(max(fc["point"], 1e-300) / max(observed, 1e-300))),
-            "inside_interval": fc["low"] <= observed <= fc["high"]}
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read the forecast file {path}: {err}") from None
+    try:
+        d = loads(text)
+    except ValueError as err:
+        raise UserError(f"{path} is not a forecast file (not strict JSON: {err})") from None
+    return ForecastRecord.from_dict(d, source=str(path))
 
 
 def backtest(counts: SeriesCounts, *, method: str = "likelihood", level: float = 0.9,
-             min_fit_sizes: int = 3) -> list[dict]:
-    """Leave-largest-out and leave-one-size-out; one row per held-out size."""
-    if method not in FITTERS:
-        raise UserError(f"unknown fit method {method!r} (use {', '.join(FITTERS)})")
+             min_fit_sizes: int = 3, exact_p=None) -> list[dict]:
+    """Leave-largest-out and leave-one-size-out; one row per held-out size. Each held-out size's
+    cells are scored by `score_cells`'s rule (row "covered" = its `inside`, with "z" and "against"):
+    against the mean exact probability where `exact_p` (instances x sizes, NaN: unknown) holds
+    every instance of that size, else by the cells' own likelihood. "observed" (the mean
+    unbiased PU) and the forecast's "these instances" interval are reported beside it."""
+    check_forecast_options(method=method, level=level)
     m = counts.n_params.size
+    exact = None if exact_p is None else np.asarray(exact_p, dtype=float)
     rows = []
     for held in range(m - 1, 0, -1):
         keep = np.array([j for j in range(m) if j != held])
         if keep.size < min_fit_sizes:
             continue
         try:
-            fit = FITTERS[method](counts.select_models(keep))
-        except ValueError as err:
-            raise UserError(f"{method} fit without size {held}: {err}") from None
-        f = fit.forecast(counts.n_params[held], level=level)
+            fit = fit_task_law(counts.select_models(keep), method)
+        except UserError as err:
+            raise UserError(f"without size {counts.models[held] if counts.models else held}: {err}") from None
+        f = forecast_at(fit, counts.n_params[held], level=level)
         observed = float(np.mean(stats.pu_unbiased(counts.passes[:, held], np.maximum(counts.samples[:, held], 1),
                                                    k_target=counts.k_target)))
-        rows.append({"held_out": counts.models[held] if counts.models else held,
+        cells = counts.samples[:, held] > 0
+        e = None if exact is None or not np.isfinite(exact[cells, held]).all() else exact[cells, held]
+        per = fit.instance_draws(counts.n_params[held], seed=0)[:, cells]  # = score_cells on the evaluated cells
+        s = score_draws(per, counts.passes[cells, held], counts.samples[cells, held], e, level=level)
+        rows.append({"held_out": counts.models[held] if counts.models else held, "method": method,
                      "n_params": float(counts.n_params[held]), "kind": "largest" if held == m - 1 else "inner",
-                     "observed": observed, "point": f.point, "low": f.low, "high": f.high,
-                     "abs_error": abs(f.point - observed), "covered": f.low <= observed <= f.high})
+                     "observed": observed, "exact": None if e is None else float(e.mean()),
+                     "point": f.point, "low": f.low, "high": f.high,
+                     "abs_error": abs(f.point - observed), "covered": bool(s.inside),
+                     "z": None if s.z != s.z else float(s.z), "against": s.against})
     return rows
+
+
+def score_forecast(record: ForecastRecord, passes, samples, exact_p=None, **kw) -> ForecastScore:
+    """`record.score(...)` (the one scoring), under the name docs/api.md lists."""
+    return record.score(passes, samples, exact_p, **kw)

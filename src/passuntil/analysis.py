@@ -1,0 +1,358 @@
+"""Analyses of a stored run, one function per command: select the data, run the science, return.
+
+The CLI's analysis commands (fit, forecast, score-forecast, backtest, emergence, plan,
+metrics) parse their options, call one function here and format what it returns. Every
+problem a user can cause (a missing run, task or model, too little data for a fit, a tampered
+forecast file) leaves as one `UserError` line; fitters' `ValueError`s are turned into that
+line here, at the boundary, so no command prints a traceback for bad data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from passuntil.errors import UserError
+from passuntil.scaling.data import SeriesCounts
+from passuntil.scaling.forecast import (
+    ForecastRecord,
+    ForecastScore,
+    check_forecast_options,
+    fit_task_law,
+    forecast_at,
+    make_forecast,
+    read_forecast,
+)
+
+
+def open_run(store_path: str, run_id: str | None):
+    """(store, run id): the named run, or the latest one; UserError when there is none."""
+    from passuntil.store import Store
+
+    store = Store(store_path, create=False)
+    runs = store.runs()
+    if run_id is None:
+        if not runs:
+            raise UserError(f"{store_path} holds no runs")
+        return store, runs[-1]
+    if run_id not in runs:
+        raise UserError(f"no run {run_id!r} in {store_path} (runs: {', '.join(runs) or 'none'})")
+    return store, run_id
+
+
+def open_runs(store_path: str, run_ids=()) -> tuple[object, list[str]]:
+    """(store, runs): the named runs (each checked), or every run of the store."""
+    store, _ = open_run(store_path, None)
+    runs = store.runs()
+    for r in run_ids:
+        if r not in runs:
+            raise UserError(f"no run {r!r} in {store_path} (runs: {', '.join(runs)})")
+    return store, list(run_ids) or runs
+
+
+def task_counts(store_path: str, run_id: str | None, task: str, exclude=()) -> tuple[SeriesCounts, object]:
+    """SeriesCounts of one task's finished results in a run (optionally without some models),
+    and the run's tidy table of that task."""
+    from passuntil.tables import estimates_table
+
+    store, run_id = open_run(store_path, run_id)
+    df = estimates_table(store, run_id)
+    tasks = sorted(set(df["task"])) if not df.empty else []
+    if task not in tasks:
+        raise UserError(f"run {run_id!r} has no results for task {task!r} (tasks: {', '.join(tasks) or 'none'})")
+    df = df[(df["task"] == task) & df["done"]]
+    unknown = set(exclude) - set(df["model"])
+    if unknown:
+        raise UserError(f"no finished model {sorted(unknown)[0]!r} for task {task!r} in run {run_id!r}")
+    kept = df[~df["model"].isin(set(exclude))]
+    if kept.empty:
+        raise UserError(f"run {run_id!r} has no finished results for task {task!r} to fit")
+    k = store.run_config(run_id)["engine"]["k_target"]
+    return SeriesCounts.from_table(kept, k_target=k), df
+
+
+def exact_data(store_path: str, run_id: str | None, task: str, exclude=()):
+    """For a task an exact-mode run computed exactly at every size: (n_params, models,
+    instance ids, p (instances, models), the task's table), without the `exclude` models;
+    None where the task's data are sampled (then the PassUntil fits apply)."""
+    from passuntil.tables import estimates_table
+
+    store, run_id = open_run(store_path, run_id)
+    if store.run_config(run_id).get("exact", "off") == "off":
+        return None
+    df = estimates_table(store, run_id)
+    g = df[df["task"] == task] if not df.empty else df
+    if g.empty or not (g["stopped"] == "exact").all():
+        return None
+    unknown = set(exclude) - set(g["model"])
+    if unknown:
+        raise UserError(f"no finished model {sorted(unknown)[0]!r} for task {task!r} in run {run_id!r}")
+    kept = g[~g["model"].isin(set(exclude))]
+    table = kept.pivot_table(index="instance_id", columns="n_params", values="exact_p")
+    if table.isna().any().any():
+        raise UserError(f"run {run_id!r} lacks an exact probability for some instance of {task!r}")
+    models = kept.drop_duplicates("model").sort_values("n_params")["model"].tolist()
+    return (table.columns.to_numpy(dtype=float), models, [str(i) for i in table.index],
+            table.to_numpy(dtype=float), g)
+
+
+def _exact_fit(n, p, target_n, level):
+    from passuntil.scaling.exact import fit_exact, forecast_exact
+
+    try:
+        fit = fit_exact(n, p)
+        return fit, None if target_n is None else forecast_exact(fit, target_n, level=level, p_data=p)
+    except ValueError as err:
+        raise UserError(f"the exact-ls fit cannot run on this data: {err}") from None
+
+
+def _exact_fit_summary(data, *, task, models, methods, target_n, level) -> dict:
+    from passuntil.scaling.exact import DATA, METHOD
+
+    if set(methods) - {METHOD}:
+        raise UserError(f"task {task!r} holds exact pass probabilities: fit it with --method {METHOD}")
+    n, names, _, p, _ = data
+    if models:
+        missing = set(models) - set(names)
+        if missing:
+            raise UserError(f"no finished results for model(s) {sorted(missing)} in task {task!r}")
+        keep = [names.index(m) for m in models]
+        n, names, p = n[keep], list(models), p[:, keep]
+    fit, fc = _exact_fit(n, p, target_n, level)
+    d = fit.to_dict()
+    row = {"alpha_median": d["alpha_median"], "instances": d["instances"], "unfitted": d["unfitted"], "fit": d}
+    if fc is not None:
+        row["forecast"] = fc.to_dict()
+    return {"task": task, "models": names, "n_params": n.tolist(), "data": DATA, "fits": {METHOD: row}}
+
+
+def fit_summary(store_path: str, *, task: str, run_id: str | None = None, models=(), methods=(),
+                target_n: float | None = None, level: float = 0.9) -> dict:
+    """The loss law and every task-law method (or those named) on a task's finished results (all
+    models, or those named), as plain data. A named method that cannot run is an error; an
+    unnamed one is listed as skipped. Exact data: the exact-ls fit alone (`scaling.exact`)."""
+    from passuntil.scaling import fit_loss_law
+    from passuntil.scaling.task_law import FITTERS
+
+    data = exact_data(store_path, run_id, task)
+    if data is not None:
+        check_forecast_options(method="likelihood", level=level, target_n=target_n)
+        return _exact_fit_summary(data, task=task, models=models, methods=methods, target_n=target_n,
+                                  level=level)
+
+    for method in methods:
+        check_forecast_options(method=method, level=level, target_n=target_n)
+    check_forecast_options(method="likelihood", level=level, target_n=target_n)
+    counts, _ = task_counts(store_path, run_id, task)
+    if models:
+        missing = set(models) - set(counts.models)
+        if missing:
+            raise UserError(f"no finished results for model(s) {sorted(missing)} in task {task!r}")
+        counts = counts.select_models([counts.models.index(m) for m in models])
+    out = {"task": task, "models": list(counts.models), "n_params": counts.n_params.tolist(), "fits": {}}
+    if counts.ref_loss is not None and counts.n_params.size >= 3:
+        try:
+            lf = fit_loss_law(counts.n_params, np.nanmean(counts.ref_loss, axis=0))
+            out["loss_law"] = {"c": lf.c, "alpha": lf.alpha, "l0": lf.l0}
+        except (ValueError, RuntimeError) as err:  # too few or non-positive losses, no convergence
+            out["loss_law"] = {"skipped": str(err)}
+    for method in methods or FITTERS:
+        try:
+            tf = fit_task_law(counts, method)
+            row = {"alpha_median": float(np.nanmedian(tf.alpha)) if np.isfinite(tf.alpha).any() else None,
+                   "instances": int(tf.a.size), "unfitted": int(np.isnan(tf.a).sum()), "fit": tf.to_dict()}
+            if target_n is not None:
+                row["forecast"] = forecast_at(tf, target_n, level=level).to_dict()
+        except UserError as err:
+            if methods:
+                raise
+            row = {"skipped": str(err)}
+        out["fits"][method] = row
+    return out
+
+
+def forecast(store_path: str, *, task: str, run_id: str | None, target_model: str | None,
+             target_n: float | None, method: str, level: float, thresholds=()) -> ForecastRecord:
+    """A forecast record for a target model of the run (left out of the data) or a size."""
+    if (target_model is None) == (target_n is None):
+        raise UserError("give either --target-model (a model of the run to hold out) or --target-n (a size)")
+    exclude = (target_model,) if target_model else ()
+    data = exact_data(store_path, run_id, task, exclude)
+    if data is not None:
+        return _exact_forecast(data, task=task, target_model=target_model, target_n=target_n,
+                               level=level, thresholds=thresholds)
+    check_forecast_options(method=method, level=level, target_n=target_n, thresholds=thresholds)
+    counts, df = task_counts(store_path, run_id, task, exclude)
+    if target_model:
+        target_n = float(df.loc[df["model"] == target_model, "n_params"].iloc[0])
+    return make_forecast(counts, target_n, task=task, method=method, level=level,
+                         target_model=target_model, thresholds=tuple(thresholds))
+
+
+def _exact_forecast(data, *, task, target_model, target_n, level, thresholds) -> ForecastRecord:
+    """The forecast record of exact data: the exact-ls fit, classify_exact's class, and the
+    probabilities themselves as the record's data (`ForecastData.exact_p`)."""
+    import datetime as dt
+    import math
+
+    from passuntil.emergence import classify_exact
+    from passuntil.scaling.exact import DATA, METHOD
+    from passuntil.scaling.forecast import _version
+    from passuntil.scaling.forecast_record import ForecastData
+    from passuntil.store import git_commit
+
+    check_forecast_options(method="likelihood", level=level, target_n=target_n)
+    if thresholds:
+        raise UserError("--threshold is not computed for exact data yet; forecast a size instead")
+    n, models, ids, p, df = data
+    if target_model:
+        target_n = float(df.loc[df["model"] == target_model, "n_params"].iloc[0])
+    _, fc = _exact_fit(n, p, target_n, level)
+    shape = _classify_exact(classify_exact, n, p, task)
+    warnings = [f"data: {DATA}; the line through the mean p gives {fc.dataset_point:.4g} "
+                f"[{fc.dataset_low:.4g}, {fc.dataset_high:.4g}]"]
+    if shape.accelerated:
+        warnings.append(f"the scaling curve looks {shape.category} (curvature z = {shape.z:.1f}): "
+                        "accelerated emergence makes extrapolating the task law unsafe")
+    if target_n < n.max():
+        warnings.append("the target is inside the fitted range (interpolation, not a forecast)")
+    zeros = tuple(tuple(0 for _ in models) for _ in ids)
+    record = ForecastData(tuple(ids), tuple(models), tuple(float(v) for v in n), 0, zeros, zeros,
+                          tuple(tuple(float(v) for v in row) for row in p))
+    return ForecastRecord(
+        task=task, method=METHOD, level=float(level), target_n=float(target_n), target_model=target_model,
+        point=fc.point, low=fc.low, high=fc.high, data=record,
+        emergence=shape.category, curvature_z=float(shape.z) if math.isfinite(shape.z) else None,
+        warnings=tuple(warnings), created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        package_version=_version(), git_commit=git_commit())
+
+
+def _classify_exact(classify_exact, n, p, task, **kw):
+    try:
+        return classify_exact(n, p, **kw)
+    except (ValueError, np.linalg.LinAlgError) as err:
+        raise UserError(f"cannot classify {task!r} on this data: {err}") from None
+
+
+def score_forecast_file(forecast_path: str, store_path: str, *, model: str | None,
+                        run_id: str | None) -> ForecastScore:
+    """Read and verify a forecast file, then score it on the target model's results of a run."""
+    from passuntil.tables import estimates_table
+
+    record = read_forecast(forecast_path)
+    model = model or record.target_model
+    if not model:
+        raise UserError("the forecast names no target model; pass --model")
+    store, run_id = open_run(store_path, run_id)
+    return record.score_results(estimates_table(store, run_id), model=model,
+                                k_target=store.run_config(run_id)["engine"]["k_target"])
+
+
+def _exact_matrix(counts: SeriesCounts, df):
+    """(instances, sizes) exact pass probabilities of the store, in `counts`' order (NaN where
+    not recorded); None where the store has none for this task."""
+    if "exact_p" not in df or df["exact_p"].isna().all():
+        return None
+    g = df.drop_duplicates(["instance_id", "model"], keep="last").set_index(["instance_id", "model"])["exact_p"]
+    table = g.unstack("model")
+    table.index = table.index.map(str)
+    return table.reindex(index=[str(i) for i in counts.instance_ids], columns=list(counts.models)).to_numpy(dtype=float)
+
+
+def backtest(store_path: str, *, task: str, run_id: str | None, method: str, level: float = 0.9) -> list[dict]:
+    from passuntil.scaling.forecast import backtest as run_backtest
+
+    data = exact_data(store_path, run_id, task)
+    if data is not None:  # exact pass probabilities: the exact-ls fit, observed = the exact mean
+        from passuntil.scaling.exact import backtest_exact
+
+        n, models, _, p, _ = data
+        try:
+            rows = backtest_exact(n, p, models=models, level=level)
+        except ValueError as err:
+            raise UserError(f"cannot backtest {task!r} on this data: {err}") from None
+        if not rows:
+            raise UserError(f"a backtest needs at least 4 sizes of {task!r} (this run has {n.size})")
+        return rows
+
+    counts, df = task_counts(store_path, run_id, task)
+    rows = run_backtest(counts, method=method, level=level, exact_p=_exact_matrix(counts, df))
+    if not rows:
+        raise UserError(f"a backtest needs at least 4 finished sizes of {task!r} (this run has "
+                        f"{counts.n_params.size})")
+    return rows
+
+
+def emergence(store_path: str, *, task: str, run_id: str | None) -> dict:
+    from passuntil.emergence import classify, classify_exact
+
+    data = exact_data(store_path, run_id, task)
+    if data is not None:
+        from passuntil.scaling.exact import DATA, exact_curvature
+
+        n, _, _, p, _ = data
+        return {**_classify_exact(classify_exact, n, p, task).to_dict(), "data": DATA,
+                "instance_ls_curvature": exact_curvature(n, p)}
+
+    counts, _ = task_counts(store_path, run_id, task)
+    try:
+        return classify(counts).to_dict()
+    except (ValueError, np.linalg.LinAlgError) as err:
+        raise UserError(f"cannot classify {task!r} on this data: {err}") from None
+
+
+def pilot_guesses(store_path: str, *, run_id: str | None, task: str | None, model: str | None) -> list[float]:
+    """Pass-probability guesses from a pilot run: the exact p where recorded, else PU."""
+    if not task or not model:
+        raise UserError("with --store, give --task and --model")
+    _, df = task_counts(store_path, run_id, task)
+    g = df[df["model"] == model]
+    if g.empty:
+        raise UserError(f"no finished results for model {model!r} in task {task!r}")
+    return [float(p) for p in g["exact_p"].where(g["exact_p"].notna(), g["pu"])]
+
+
+def task_references(store, run_ids) -> dict:
+    """(task, instance id) -> the first reference, for the tasks of one or more runs, loaded
+    from what each run recorded (a task file's path, a registry name), never a bare name."""
+    from passuntil.runspec import run_tasks
+
+    return {(name, x.id): x.references[0] for name, task in run_tasks(store, run_ids).items()
+            for x in task.instances}
+
+
+def metric_table(store_path: str, run_id: str | None):
+    """(run id, per model x task metric table, instances per task), from the stored distinct
+    completions (see the metrics command's note on the per-instance cap)."""
+    from passuntil.metrics import metric_table as table
+
+    store, run_id = open_run(store_path, run_id)
+    comps = store.completions(run_id)
+    if comps.empty:
+        raise UserError(f"run {run_id!r} stored no completions")
+    refs = task_references(store, run_id)
+    sizes = {m["name"]: m["n_params"] for m in store.models(run_id)}
+    results = store.results(run_id)
+    stored = results["samples"].sum() - results["overflow"].sum()
+    coverage = float(stored / max(1, results["samples"].sum()))
+    return run_id, table(comps, refs, sizes), comps.groupby("task")["instance_id"].nunique(), coverage
+
+
+def score_rows(store_path: str, run_id: str | None) -> tuple[str, list[dict]]:
+    """Per model x task of a run: mean reference log-prob, multiple-choice grade and Brier score,
+    from each model's teacher-forced scores (the models are loaded)."""
+    from passuntil.metrics import score_metrics
+    from passuntil.runspec import RunSpec
+    from passuntil.series import open_sampler
+
+    store, run_id = open_run(store_path, run_id)
+    spec = RunSpec.from_store(store, run_id)
+    tasks = spec.load_tasks()
+    rows = []
+    for m in sorted(spec.models, key=lambda m: m.n_params):
+        sampler = open_sampler(m, tasks)
+        for task in tasks:
+            per = score_metrics(sampler, task)
+            mean = {k: float(np.nanmean(v)) if np.isfinite(v := np.array([r[k] for r in per], dtype=float)).any()
+                    else float("nan") for k in ("ref_logprob", "mc_grade", "brier")}
+            rows.append({"task": task.name, "model": m.name, "n_params": m.n_params, **mean})
+    return run_id, rows
