@@ -85,3 +85,36 @@ def test_exact_probabilities_give_the_true_class():
         assert classify_exact(N, _curved(rng, -0.12), compare=False).category == "concave"
         assert classify_exact(N, _curved(rng, +0.12), compare=False).category == "convex"
         assert classify_exact(N, truth("circuits", rng), compare=False).accelerated
+
+
+def test_falling_and_flat_tasks_are_not_linear():
+    """A task whose PU falls with N was classified "linear"; now "inverse". One whose PU does
+    not move is "flat". Plain scaling series stay "linear" (checked above)."""
+    rng = np.random.default_rng(6)
+    a = rng.normal(1.0, 0.5, 20)
+    for slope, expected in ((+0.4, "inverse"), (0.0, "flat")):
+        got = []
+        for _ in range(10):
+            f = a[:, None] + slope * X[None]
+            got.append(classify(series(np.exp(-np.exp(f)), rng), compare=False).category)
+        assert got.count(expected) >= 9, (slope, got)
+    r = classify(series(truth("linear", rng), rng), compare=False)
+    assert r.slope < 0 and r.slope / r.slope_se < -2
+
+
+def test_models_with_as_many_parameters_as_points_are_refused():
+    """With 4 sizes, two circuits (5 parameters) and two steps (4) interpolate the points; they
+    are not fitted or compared but listed as refused. With 6 sizes both are fitted."""
+    from passuntil.emergence import compare_hypotheses, refused_hypotheses
+
+    rng = np.random.default_rng(7)
+    c = series(truth("circuits", rng), rng, budget=100_000)
+    r4 = classify(c.select_models(np.arange(3, 7)))
+    assert {m.name for m in r4.comparisons} == {"scaling law"}
+    assert set(r4.refused) == {"two circuits", "two steps"} and r4.to_dict()["refused"] == list(r4.refused)
+    r5 = classify(c.select_models(np.arange(2, 7)))
+    assert set(r5.refused) == {"two circuits"} and "two steps" in {m.name for m in r5.comparisons}
+    assert classify(c.select_models(np.arange(1, 7))).refused == ()
+    assert refused_hypotheses(6) == ()
+    x = np.log(N[:5])
+    assert all(len(m.params) < 5 for m in compare_hypotheses(x, np.linspace(1, -1, 5), np.full(5, 0.01)))

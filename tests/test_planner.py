@@ -22,7 +22,7 @@ def test_plan_matches_simulated_passuntil_cost():
 def test_plan_cli(capsys):
     from passuntil.cli import main
 
-    main(["plan", "--pu", "1e-3", "--pu", "0", "--k", "2", "--max-samples", "10000", "--samples-per-s", "100"])
+    main(["plan", "--pu", "1e-3", "--pu", "1e-9", "--k", "2", "--max-samples", "10000", "--samples-per-s", "100"])
     out = capsys.readouterr().out
     assert "2 instances" in out and "1 instance(s) will probably end at the budget" in out and "min at 100" in out
 

@@ -27,6 +27,8 @@ class SeriesCounts:
     def __post_init__(self):
         if self.passes.shape != self.samples.shape or self.passes.shape[1] != self.n_params.size:
             raise ValueError("passes and samples must be (instances, models), matching n_params")
+        if not np.all(np.isfinite(self.n_params) & (self.n_params > 0)):
+            raise ValueError(f"model sizes must be finite and > 0 (got {self.n_params.tolist()})")
         if np.any(self.passes > self.samples) or np.any(self.passes < 0):
             raise ValueError("passes must lie in [0, samples]")
 

@@ -1,0 +1,249 @@
+"""Sequential sampling toward a forecast: how many samples each (instance, model) cell gets next.
+
+PassUntil's fixed K spends most of its budget on cells that barely inform the forecast (the
+smallest models' hopeless instances) and too little on the cells that do. This module decides,
+round by round, where the next samples go when the goal is the forecast of the mean PU over
+*these* instances at a target size N*:
+
+1. refit the pooled likelihood law (`task_law.fit_likelihood`) to the counts so far;
+2. draw instance laws theta_b ~ posterior (b = 1..B);
+3. for every draw, the posterior covariance of each instance's (a, alpha) *if theta_b were
+   true* is (sum_m n_im e_im(theta_b) J_m J_m' + prior precision)^-1, with e = u^2 / (e^u - 1),
+   u = -log p, the Fisher information of one sample about F = log(-log p) (about
+   p log(p)^2 / (1 - p): nothing where p is hopelessly small, nothing where p ~ 1);
+4. give the round's samples away in equal chunks, each to the cell whose chunk lowers the
+   variance of log(target mean), averaged over the draws, the most (the covariance update is
+   a rank-one Sherman-Morrison step, so returns diminish within the round).
+
+A cold start (fewer than two sizes with `SequentialDesign.min_passes` passes) cannot identify
+any slope: the first round goes evenly to every cell (a pilot), later ones to the two largest
+fitted sizes, where passes come first (see `_cold_start`). A share `spread` of every fitted
+round goes to the cells in proportion to their information per sample (see `allocate`).
+
+Everything is a deterministic function of the counts and the seed: the round's random stream is
+`default_rng([seed, total samples so far])`, so a resumed or sharded run that has the same
+counts makes the same decision. `run_sequential` is the loop (for simulations and tests); an
+engine calls `next_round` between rounds and evaluates each cell for its quota.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from passuntil.errors import UserError
+from passuntil.scaling.data import SeriesCounts
+from passuntil.scaling.task_law import F_MAX, F_MIN, fit_likelihood, law_p
+
+
+@dataclass(frozen=True)
+class SequentialDesign:
+    """What a sequential run aims at and how it spends.
+
+    target_n: the size whose mean PU is forecast. total_budget: samples over all rounds (None:
+    no limit, then `halfwidth` must be set). first_round: the first round's samples; later
+    rounds spend `growth` x the samples so far (at least first_round), so a run has about
+    log(total / first_round) / log(1 + growth) rounds. halfwidth: stop once the `level`
+    interval of log(target mean) is at most +-halfwidth (0.1: about +-10%). draws: posterior
+    draws the allocation averages over; chunks: granularity of a round's allocation.
+    """
+
+    target_n: float
+    total_budget: int | None = None
+    first_round: int = 20_000
+    growth: float = 0.5
+    halfwidth: float | None = None
+    level: float = 0.9
+    draws: int = 200
+    chunks: int = 64
+    min_passes: int = 5
+    spread: float = 0.2
+
+    def __post_init__(self):
+        _validate(self)
+
+    def round_budget(self, spent: int) -> int:
+        """Samples for the next round after `spent` (0 when the budget is used up)."""
+        want = max(self.first_round, int(self.growth * spent))
+        if self.total_budget is not None:
+            want = min(want, self.total_budget - spent)
+        return max(int(want), 0)
+
+
+def _validate(d: SequentialDesign) -> None:
+    if not np.isfinite(d.target_n) or d.target_n <= 0:
+        raise UserError(f"the target size must be a positive number of parameters, got {d.target_n}")
+    if d.total_budget is None and d.halfwidth is None:
+        raise UserError("a sequential design needs a total sample budget, a target interval half-width, or both")
+    if d.total_budget is not None and d.total_budget < 1:
+        raise UserError(f"the total sample budget must be at least 1, got {d.total_budget}")
+    if d.halfwidth is not None and not d.halfwidth > 0:
+        raise UserError(f"the target interval half-width must be positive, got {d.halfwidth}")
+    if d.first_round < 1 or d.growth < 0 or d.draws < 10 or d.chunks < 1 or not 0 < d.level < 1 \
+            or not 0 <= d.spread < 1:
+        raise UserError("need first_round >= 1, growth >= 0, draws >= 10, chunks >= 1, 0 < level < 1 "
+                        "and 0 <= spread < 1")
+
+
+@dataclass(frozen=True)
+class TargetInterval:
+    """The forecast of the mean PU over these instances at the target, and the stopping verdict."""
+
+    point: float
+    low: float
+    high: float
+    log_halfwidth: float  # (log high - log low) / 2
+    stop: bool
+    reason: str  # "halfwidth", "budget" or "" (go on)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _design_matrix(counts: SeriesCounts, x0: float, target_n: float) -> tuple[np.ndarray, np.ndarray]:
+    x = counts.log_n - x0
+    J = np.stack([np.ones_like(x), -x], -1)  # (M, 2): F_m = J_m @ (a, alpha)
+    js = np.array([1.0, -(np.log(target_n) - x0)])  # (2,)
+    return J, js
+
+
+def _split(total: int, parts: int) -> np.ndarray:
+    """`parts` non-negative integers summing to `total`, as equal as possible."""
+    edges = np.round(np.linspace(0, total, parts + 1)).astype(np.int64)
+    return np.diff(edges)
+
+
+def _identified(counts: SeriesCounts, min_passes: int) -> bool:
+    """Whether at least two sizes have `min_passes` passes: before that the slopes come from the
+    prior alone (the pooled prior is then overconfident, so the allocation cannot be trusted)."""
+    return int((counts.passes.sum(axis=0) >= min_passes).sum()) >= 2
+
+
+def _cold_start(counts: SeriesCounts, budget: int) -> np.ndarray:
+    """A first round (nothing sampled yet) goes evenly to every cell. Until two sizes have
+    passes, half of a round goes to the largest fitted size (evenly over instances) and half to
+    the next, in proportion to each instance's passes at the largest size plus one (instances
+    that pass most there are the first to pass one size down)."""
+    quota = np.zeros(counts.samples.shape, dtype=np.int64)
+    if not counts.samples.any():
+        quota.ravel()[:] = _split(budget, quota.size)
+        return quota
+    order = np.argsort(counts.n_params)
+    if order.size == 1:
+        quota[:, 0] = _split(budget, quota.shape[0])
+        return quota
+    top, nxt = order[-1], order[-2]
+    half = budget // 2
+    quota[:, top] = _split(budget - half, quota.shape[0])
+    w = counts.passes[:, top] + 1.0
+    share = np.floor(half * w / w.sum()).astype(np.int64)
+    share[np.argmax(w)] += half - share.sum()
+    quota[:, nxt] = share
+    return quota
+
+
+def allocate(counts: SeriesCounts, *, target_n: float, budget: int, seed: int, draws: int = 200,
+             chunks: int = 64, spread: float = 0.2) -> np.ndarray:
+    """(I, M) samples for one round of `budget`, by expected variance reduction per sample.
+
+    See the module docstring. A share `spread` of the round first goes to the cells in
+    proportion to their information per sample averaged over the draws (hopeless cells get
+    next to nothing): a defence against a posterior that is sure of itself too early (the
+    pooled prior shrinks instances with little data). Cells neither part picks get 0."""
+    fit = fit_likelihood(counts)
+    rng_seed = int(np.random.default_rng([seed, int(counts.samples.sum())]).integers(2**62))
+    theta = fit.parameter_draws(draws=draws, seed=rng_seed, resample_instances=False)  # (B, I, 2)
+    J, js = _design_matrix(counts, fit.x0, target_n)
+    prec = np.linalg.inv(np.asarray(fit.extra["prior_cov"]))
+    f = np.clip(theta @ J.T, F_MIN, F_MAX)  # (B, I, M)
+    u = np.exp(f)
+    e = u * u / np.expm1(u)  # (B, I, M) information per sample about F
+    H = np.einsum("bim,im,mj,mk->bijk", e, counts.samples.astype(float), J, J) + prec  # (B, I, 2, 2)
+    fs = np.clip(theta @ js, F_MIN, F_MAX)  # (B, I)
+    ps = law_p(fs)
+    mean = ps.mean(axis=1, keepdims=True)  # (B, 1)
+    g = (-ps * np.exp(fs) / (ps.shape[1] * np.maximum(mean, 1e-300)))[..., None] * js  # (B, I, 2) dlogT/dtheta
+    info = e.mean(axis=0)  # (I, M)
+    even = int(spread * budget)
+    quota = np.floor(even * info / max(info.sum(), 1e-300)).astype(np.int64)
+    even = int(quota.sum())
+    H = H + np.einsum("bim,im,mj,mk->bijk", e, quota.astype(float), J, J)
+    S = np.linalg.inv(H)
+    sJ = np.einsum("bijk,mk->bimj", S, J)  # (B, I, M, 2) S J_m
+    gsj = np.einsum("bij,bimj->bim", g, sJ)  # g' S J_m
+    jsj = np.einsum("mj,bimj->bim", J, sJ)  # J_m' S J_m
+    for step in _split(budget - even, min(chunks, budget - even)):
+        gain = (step * e * gsj**2 / (1 + step * e * jsj)).mean(axis=0)  # (I, M)
+        i, m = np.unravel_index(np.argmax(gain), gain.shape)
+        quota[i, m] += step
+        v = sJ[:, i, m]  # (B, 2)
+        c = step * e[:, i, m] / (1 + step * e[:, i, m] * jsj[:, i, m])
+        S[:, i] -= c[:, None, None] * np.einsum("bj,bk->bjk", v, v)  # only instance i changes
+        sJ[:, i] = np.einsum("bjk,mk->bmj", S[:, i], J)
+        gsj[:, i] = np.einsum("bj,bmj->bm", g[:, i], sJ[:, i])
+        jsj[:, i] = np.einsum("mj,bmj->bm", J, sJ[:, i])
+    return quota
+
+
+def next_round(counts: SeriesCounts, design: SequentialDesign, *, seed: int) -> np.ndarray:
+    """(I, M) samples each cell gets in the next round (all zero once the budget is spent)."""
+    if counts.n_params.size < 2:
+        raise UserError("a sequential design needs at least two fitted model sizes (a slope)")
+    budget = design.round_budget(int(counts.samples.sum()))
+    if budget <= 0:
+        return np.zeros(counts.samples.shape, dtype=np.int64)
+    if not _identified(counts, design.min_passes):
+        return _cold_start(counts, budget)
+    return allocate(counts, target_n=design.target_n, budget=budget, seed=seed, draws=design.draws,
+                    chunks=design.chunks, spread=design.spread)
+
+
+def target_interval(counts: SeriesCounts, design: SequentialDesign, *, seed: int = 0) -> TargetInterval:
+    """The mean PU over these instances at the target (posterior mean, `level` interval from the
+    parameter draws, no instance resampling) and whether the run should stop. A narrow interval
+    stops the run only once two sizes have passes: before that it is the prior's width."""
+    spent = int(counts.samples.sum())
+    out_of_budget = design.total_budget is not None and spent >= design.total_budget
+    if int(counts.passes.sum()) == 0:
+        return TargetInterval(0.0, 0.0, 1.0, np.inf, out_of_budget, "budget" if out_of_budget else "")
+    fit = fit_likelihood(counts)
+    means = fit.sample_means(design.target_n, draws=2000, seed=seed, resample_instances=False)
+    lo, hi = np.quantile(means, [(1 - design.level) / 2, (1 + design.level) / 2])
+    half = float((np.log(hi) - np.log(max(lo, 1e-300))) / 2)
+    narrow = design.halfwidth is not None and half <= design.halfwidth and _identified(counts, design.min_passes)
+    reason = "halfwidth" if narrow else "budget" if out_of_budget else ""
+    return TargetInterval(float(means.mean()), float(lo), float(hi), half, bool(reason), reason)
+
+
+Sampler = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class SequentialRun:
+    counts: SeriesCounts
+    quotas: tuple[np.ndarray, ...]  # one (I, M) quota per round
+    result: TargetInterval
+
+
+def run_sequential(counts: SeriesCounts, design: SequentialDesign, sample: Sampler, *, seed: int,
+                   max_rounds: int = 200, on_round: Callable[[SeriesCounts], None] | None = None) -> SequentialRun:
+    """Round after round: quota = next_round(...), (passes, samples) = sample(quota), until the
+    interval is narrow enough or the budget is spent. `sample(quota)` returns the passes and
+    samples the cells gained (samples may fall short of the quota, e.g. a cell that is closed)."""
+    quotas = []
+    for _ in range(max_rounds):
+        verdict = target_interval(counts, design, seed=seed) if design.halfwidth is not None else None
+        if verdict is not None and verdict.stop:
+            break
+        quota = next_round(counts, design, seed=seed)
+        if not quota.any():
+            break
+        k, n = sample(quota)
+        counts = SeriesCounts(counts.n_params, counts.passes + k, counts.samples + n, counts.k_target,
+                              counts.instance_ids, counts.models, counts.ref_loss)
+        quotas.append(quota)
+        if on_round is not None:
+            on_round(counts)
+    return SequentialRun(counts, tuple(quotas), target_interval(counts, design, seed=seed))
