@@ -67,12 +67,57 @@ class SeriesConfig:
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise UserError(f"{p}: unknown setting(s) {sorted(unknown)}")
-        if "indices" in raw:
+        if isinstance(raw.get("indices"), list):
             raw["indices"] = tuple(raw["indices"])
         cfg = cls(**raw)
-        if min(cfg.indices) < 2:
-            raise UserError(f"{p}: every model needs at least 2 layers (index >= 2)")
+        _validate(cfg, p)
         return cfg
+
+
+# (field, kind, lowest allowed, highest allowed): every number must be finite and in range
+_RANGES = (("head_dim", int, 1, None), ("ffn_ratio", float, 0, None), ("tokens_per_param", float, 0, None),
+           ("steps", int, 1, None), ("seq_len", int, 1, None), ("lr", float, 0, None),
+           ("min_lr_ratio", float, 0, 1), ("warmup_steps", int, 0, None), ("weight_decay", float, 0, None),
+           ("seed", int, 0, None), ("eval_every", int, 1, None), ("save_every_s", float, 0, None),
+           ("threads", int, 0, None))
+_POSITIVE = {"ffn_ratio", "tokens_per_param", "lr", "save_every_s"}  # > 0, not just >= 0
+
+
+def _validate(cfg: SeriesConfig, path: Path) -> None:
+    """Refuse a config that would crash or train nonsense, naming the file and the setting."""
+    def bad(msg: str):
+        raise UserError(f"{path}: {msg}")
+
+    for key in ("name", "out", "hidden_act"):
+        if not isinstance(getattr(cfg, key), str) or not getattr(cfg, key):
+            bad(f"{key} must be a non-empty string")
+    if cfg.hidden_act not in ("silu", "gelu"):
+        bad(f"hidden_act must be 'silu' or 'gelu' (got {cfg.hidden_act!r})")
+    if not isinstance(cfg.extra, dict):
+        bad("extra must be a table")
+    idx = cfg.indices
+    if (not isinstance(idx, tuple) or not idx
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx)):
+        bad(f"indices must be a non-empty list of integers (got {idx!r})")
+    if min(idx) < 2:
+        bad("every model needs at least 2 layers (index >= 2)")
+    if len(set(idx)) != len(idx):
+        bad(f"indices must be unique (got {list(idx)})")
+    for key, kind, low, high in _RANGES:
+        v = getattr(cfg, key)
+        ok_type = (isinstance(v, int) if kind is int else isinstance(v, int | float)) and not isinstance(v, bool)
+        if not ok_type:
+            bad(f"{key} must be {'an integer' if kind is int else 'a number'} (got {v!r})")
+        too_low = v <= low if key in _POSITIVE else v < low
+        if not math.isfinite(v) or too_low or (high is not None and v > high):
+            rng = f"in [{low}, {high}]" if high is not None else f"{'>' if key in _POSITIVE else '>='} {low}"
+            bad(f"{key} must be finite and {rng} (got {v!r})")
+    out = Path(cfg.out)
+    for folder in (out, *out.parents):  # the nearest existing ancestor must be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                bad(f"out = {cfg.out!r}: {folder} is a file, not a folder")
+            break
 
 
 def model_config(cfg: SeriesConfig, i: int) -> ModelConfig:

@@ -106,13 +106,30 @@ def available() -> bool:
     return (cache_dir() / "MANIFEST.json").exists()
 
 
-@functools.lru_cache(maxsize=32)
 def load_task_json(task_dir: str) -> dict:
+    """A BIG-bench task.json from the data cache (read once per path, checked for its shape)."""
     path = cache_dir() / "bigbench" / "benchmark_tasks" / task_dir / "task.json"
     if not path.exists():
         raise UserError(f"BIG-bench data not found in {cache_dir()}; run `passuntil fetch-data` "
                         "(downloads the bigbench source from PyPI once)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _read_task_json(str(path))
+
+
+@functools.lru_cache(maxsize=32)
+def _read_task_json(path: str) -> dict:
+    """Keyed by the full path, so a changed `$PASSUNTIL_DATA` is never served stale data."""
+    hint = "; delete the folder and run `passuntil fetch-data` again"
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read BIG-bench file {path} ({err}){hint}") from None
+    examples = data.get("examples") if isinstance(data, dict) else None
+    if (not isinstance(examples, list) or not examples
+            or not all(isinstance(e, dict) and isinstance(e.get("input"), str)
+                       and ("target" in e or isinstance(e.get("target_scores"), dict)) for e in examples)):
+        raise UserError(f"{path} is not a BIG-bench task file (needs a non-empty 'examples' list, "
+                        f"each with 'input' and 'target' or 'target_scores'){hint}")
+    return data
 
 
 # ---- scoring as BIG-bench does it ------------------------------------------------------------
@@ -270,6 +287,18 @@ def bigbench_task_names() -> list[str]:
 
 
 def make_bigbench(name: str) -> Task:
+    """The named BIG-bench task; a data cache whose files lack what the task needs is one error."""
+    try:
+        return _make_bigbench(name)
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        if isinstance(err, KeyError) and err.args == (name,):
+            raise
+        raise UserError(f"the BIG-bench data in {cache_dir()} does not hold what {name} needs "
+                        f"({type(err).__name__}: {err}); delete the folder and run "
+                        "`passuntil fetch-data` again") from None
+
+
+def _make_bigbench(name: str) -> Task:
     if name == "bigbench/emoji_movie":
         return emoji_movie()
     if name == "bigbench/emoji_movie_cot":
