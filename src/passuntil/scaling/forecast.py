@@ -37,7 +37,7 @@ from passuntil.scaling.forecast_record import (
     Threshold,
 )
 from passuntil.scaling.scoring import score_draws
-from passuntil.scaling.task_law import FITTERS, threshold_n
+from passuntil.scaling.task_law import FITTERS, fit_task_law, threshold_n
 from passuntil.scaling.warnings import forecast_warnings
 
 __all__ = ["EXACT", "OBSERVED", "PASS_AT_K_GRID", "SCHEMA", "ForecastData", "ForecastRecord", "ForecastScore",
@@ -69,14 +69,6 @@ def check_forecast_options(*, method: str, level: float, target_n: float | None 
     for t in thresholds:
         if not (math.isfinite(t) and 0 < t < 1):
             raise UserError(f"a threshold is a mean PU strictly between 0 and 1 (got {t})")
-
-
-def fit_task_law(counts: SeriesCounts, method: str):
-    """FITTERS[method](counts), with data the method cannot use turned into one UserError line."""
-    try:
-        return FITTERS[method](counts)
-    except (ValueError, np.linalg.LinAlgError) as err:  # e.g. no test losses, too few passes
-        raise UserError(f"the {method} fit cannot run on this data: {err}") from None
 
 
 def forecast_at(fit, n_params: float, *, level: float):

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from passuntil.errors import UserError
 from passuntil.scaling.data import SeriesCounts
 
 F_MIN, F_MAX = -12.0, 6.0  # F = log(-log p): p from ~1 - 6e-6 to exp(-403)
@@ -584,3 +585,11 @@ def _checked(fitter, method: str):
 FITTERS = {name: _checked(f, name) for name, f in (
     ("likelihood", fit_likelihood), ("instance-ls", fit_instances_ls), ("dataset", fit_dataset),
     ("loss-assisted", fit_loss_assisted))}
+
+
+def fit_task_law(counts: SeriesCounts, method: str):
+    """FITTERS[method](counts), with data the method cannot use turned into one UserError line."""
+    try:
+        return FITTERS[method](counts)
+    except (ValueError, np.linalg.LinAlgError) as err:  # e.g. no test losses, too few passes
+        raise UserError(f"the {method} fit cannot run on this data: {err}") from None
