@@ -400,3 +400,25 @@ def test_lm_eval_is_imported_lazily_with_an_install_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if it were not installed
     with pytest.raises(UserError, match=r"pip install 'passuntil\[lm-eval\]'"):
         get_task("lm_eval:gsm8k_local")
+
+
+@pytest.mark.slow
+def test_ray_run_of_an_lm_eval_task_equals_the_local_run(tmp_path, monkeypatch):
+    """The check crosses into Ray actors (pickled, rebuilt there) and gives the same counts as a
+    local run with a check worker process."""
+    pytest.importorskip("ray")
+    monkeypatch.chdir(tmp_path)
+    run = CliRunner().invoke
+    base = ["eval", "--task", "lm_eval:gsm8k_local#flexible-extract", "--series", "tiny",
+            "--model", "tiny-2", "--k", "1", "--max-samples", "4", "--max-tokens", "8",
+            "--no-reference-scores"]
+    res = run(cli, [*base, "--check-workers", "1", "--store", "local.sqlite"])
+    assert res.exit_code == 0, res.output
+    res = run(cli, [*base, "--ray", "local", "--ray-workers", "1", "--store", "ray.sqlite"])
+    assert res.exit_code == 0, res.output
+
+    def counts(path):
+        return sqlite3.connect(path).execute(
+            "SELECT task, instance_id, samples, passes, pass_indices FROM results ORDER BY 1, 2").fetchall()
+
+    assert counts("ray.sqlite") == counts("local.sqlite") and len(counts("local.sqlite")) == 8
