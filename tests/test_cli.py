@@ -354,3 +354,31 @@ def test_a_code_task_records_its_isolation(tmp_path, capsys):
     config = json.loads(sqlite3.connect(store).execute(
         "SELECT config_json FROM runs WHERE run_id = 'plain'").fetchone()[0])
     assert code == 0 and config["isolation"] is None  # no task executes code
+
+
+def test_a_jsonl_unit_test_task_through_every_reading_command(tmp_path, capsys):
+    """examples/add_function.jsonl over three sizes: show, forecast, report, metrics and export
+    all resolve the task from the run; with no pass anywhere the forecast is refused in one line
+    (no negative bound, no file) while the other commands work."""
+    store = str(tmp_path / "code.sqlite")
+    task = str(Path(__file__).parents[1] / "examples/add_function.jsonl")
+    code, out, err = run_cli(capsys, "eval", "--task", task, "--series", "tiny", "--model", "tiny-5",
+                             "--model", "tiny-6", "--model", "tiny-7", "--k", "1", "--max-samples", "8",
+                             "--store", store)
+    assert code == 0 and "9 instance results" in out, err
+    code, out, err = run_cli(capsys, "show", store)
+    assert code == 0 and out.count("add_function") == 3, err
+    passes = sqlite3.connect(store).execute("SELECT SUM(passes) FROM results").fetchone()[0]
+    code, out, err = run_cli(capsys, "forecast", store, "--task", "add_function", "--target-n", "5e6",
+                             "--out", str(tmp_path / "f.json"))
+    if passes == 0:
+        assert code == 2 and err.startswith("error: no forecast for add_function: all-zero")
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "f.json").exists()
+    else:
+        assert code == 0 and (tmp_path / "f.json").exists(), err
+    code, out, err = run_cli(capsys, "report", store, "--out", str(tmp_path / "rep"))
+    assert code == 0 and (tmp_path / "rep" / "report.html").exists(), err
+    code, out, err = run_cli(capsys, "metrics", store)
+    assert code == 0 and "add_function" in out, err
+    code, out, err = run_cli(capsys, "export", store, "--out", str(tmp_path / "x.csv"))
+    assert code == 0 and len(pd.read_csv(tmp_path / "x.csv")) == 9, err
