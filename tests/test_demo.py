@@ -29,6 +29,15 @@ def test_quick_demo_pre_registers_then_scores(tmp_path, monkeypatch, capsys):
         assert [q["k"] for q in summary[task]["pass_at_k"]][::2] == [1, 10, 100, 1000, 10**4, 10**5, 10**6]
         assert summary[task]["forecast"]["interval"] == "these instances"
         assert summary[task]["scored_against"] in ("exact", "likelihood")
+    # beside PassUntil, the exact mode on every size: the warning before the target, both ways
+    warned = {r["task"]: r for r in summary["warning_before_target"]}
+    assert set(warned) == {"sim-scaling", "sim-accelerated"}
+    assert warned["sim-accelerated"]["exact warned"] and not warned["sim-scaling"]["exact warned"]
+    assert warned["sim-accelerated"]["budget"] == 3000 and warned["sim-accelerated"]["target"] == "2.4B"
+    assert "Warning of accelerated emergence before 2.4B is seen" in printed
+    section = page.read_text().split('id="warning-before-target"')[1].split("</section>")[0]
+    assert "PassUntil (budget 3,000) vs exact" in section and ">sim-accelerated<" in section
+    assert any(r.startswith("exact-") for r in Store(tmp_path / "demo.sqlite").runs())
     target = next(r for r in Store(tmp_path / "demo.sqlite").runs() if r.endswith("-target"))
     for path in forecasts:
         task = path.name.split("-forecast-")[1].removesuffix(".v3.json")

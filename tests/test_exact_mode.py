@@ -4,6 +4,7 @@ and fit / forecast / emergence use them with zero sampling variance (`scaling/ex
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +251,141 @@ def _export(db, tmp_path) -> Path:
     out = tmp_path / "all.csv"
     invoke("export", db, "--out", out)
     return out
+
+
+# exact vs PassUntil: the warning before the target, in the report ---------------------------------
+
+SMALL = ("--model", "tiny-2", "--model", "tiny-3", "--model", "tiny-4", "--model", "tiny-5", "--model", "tiny-6")
+
+
+def _sampled_run(db, *tasks, limit=None, budget=30):
+    """PassUntil on tiny-2..6 at a small budget, in the same store as the exact run."""
+    args = [a for t in tasks for a in ("--task", t)] + (["--limit", limit] if limit else [])
+    r = invoke("eval", *args, "--series", "tiny", *SMALL, "--k", 2, "--max-samples", budget, "--batch-size", 4096,
+               "--no-reference-scores", "--store", db, "--run", "pu")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.fixture(scope="module")
+def small_pair(tmp_path_factory):
+    """An exact run (tiny-2..7) and a PassUntil run at budget 30 (tiny-2..6) of dates and reverse,
+    8 instances each: small enough for seconds."""
+    db = tmp_path_factory.mktemp("pair") / "s.sqlite"
+    r = invoke("eval", "--exact", "--task", "dates", "--task", "reverse", "--series", "tiny", "--limit", 8,
+               "--store", db, "--run", "exact")
+    assert r.exit_code == 0, r.output
+    _sampled_run(db, "dates", "reverse", limit=8)
+    return db
+
+
+def test_report_shows_the_warning_before_the_target_passuntil_vs_exact(small_pair, tmp_path):
+    """At budget 30 PassUntil sees no pass of dates at tiny-2..6 (no warning can fire); the
+    exact probabilities of the same sizes flag accelerated emergence; the report's table says so."""
+    from passuntil.analysis import warning_comparison
+    from passuntil.report import load_report_data, write_report
+
+    rows = warning_comparison(str(small_pair), sampled_run="pu", exact_run="exact", target_model="tiny-7")
+    by = {r["task"]: r for r in rows}
+    assert set(by) == {"dates", "reverse"}
+    assert by["dates"]["exact warned"] and "accelerated-emergence" in by["dates"]["exact warnings"]
+    assert by["dates"]["exact class"] in ("concave", "mixed") and by["dates"]["exact curvature z"] < -2.5
+    assert not by["dates"]["PassUntil warned"] and not by["reverse"]["PassUntil warned"]
+    assert by["dates"]["PassUntil warnings"] == "all-zero" and by["dates"]["budget"] == 30
+    assert by["dates"]["exact p at target"] > 100 * by["dates"]["exact forecast"]
+    store = Store(small_pair, create=False)
+    page = write_report(load_report_data(store, ["pu"], warnings_before_target=rows), tmp_path / "r").read_text()
+    section = page[page.index('id="warning-before-target"'):]
+    section = section[:section.index("</section>")]
+    assert "Warning before tiny-7: PassUntil (budget 30) vs exact" in section
+    assert "<caption>warning before tiny-7: whether the accelerated-emergence warning fired" in section
+    assert section.count("<tr>") == 3 and ">dates<" in section and ">reverse<" in section
+    dates_row = section[section.index(">dates<"):].split("</tr>")[0]
+    assert re.findall(r'<td class="n">(yes|no)</td>', dates_row) == ["no", "yes"]  # PassUntil no, exact yes
+
+
+def test_exact_forecast_warnings_use_the_forecast_codes(small_pair, tmp_path):
+    """The exact record's warnings are `code: message` lines like the sampled ones."""
+    out = tmp_path / "f.json"
+    r = invoke("forecast", small_pair, "--run", "exact", "--task", "dates", "--target-model", "tiny-7", "--out", out)
+    assert r.exit_code == 0, r.output
+    warnings = json.loads(out.read_text())["warnings"]
+    assert warnings[0].startswith("data: exact pass probabilities")
+    assert [w.split(":", 1)[0] for w in warnings[1:]] == ["accelerated-emergence"]
+    far = invoke("forecast", small_pair, "--run", "exact", "--task", "dates", "--target-n", 1e12,
+                 "--out", tmp_path / "far.json")
+    assert far.exit_code == 0, far.output
+    codes = [w.split(":", 1)[0] for w in json.loads((tmp_path / "far.json").read_text())["warnings"]]
+    assert codes == ["data", "extrapolation", "accelerated-emergence"]
+
+
+def test_report_classifies_an_exact_run_from_its_exact_probabilities(small_pair, tmp_path):
+    """No samples in an exact run: the report uses classify_exact (the sampled classify warned
+    "Mean of empty slice" on the empty cells)."""
+    import warnings
+
+    from passuntil.report import load_report_data, write_report
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        page = write_report(load_report_data(Store(small_pair, create=False), ["exact"]), tmp_path / "r")
+    cls = page.read_text().split("Emergence classes</h2>")[1].split("</table>")[0]
+    assert re.search(r'>dates</td><td class="t">mixed<', cls)
+
+
+@pytest.mark.slow
+def test_warning_before_tiny7_on_every_instance(tiny_exact):
+    """The issue's claim on the whole tasks: from tiny-2..6, the exact probabilities flag dates
+    and reverse (not arith); PassUntil at a budget of 100 flags none of them."""
+    from passuntil.analysis import warning_comparison
+
+    _sampled_run(tiny_exact, "dates", "reverse", "arith", budget=100)
+    rows = {r["task"]: r for r in warning_comparison(str(tiny_exact), sampled_run="pu", exact_run="main",
+                                                      target_model="tiny-7")}
+    assert {t: r["exact warned"] for t, r in rows.items()} == {"arith": False, "dates": True, "reverse": True}
+    assert not any(r["PassUntil warned"] for r in rows.values())
+
+
+# the transformers backend -------------------------------------------------------------------------
+
+def test_transformers_exact_probability_equals_the_builtin_samplers(tmp_path):
+    """`eval --exact` on a series whose models run through transformers (the bundled tiny-3 and
+    tiny-7 checkpoints, which it loads as Llama) stores the exact probabilities the built-in
+    sampler computes, to 1e-5, at temperature 1 and under top-k / top-p truncation."""
+    pytest.importorskip("transformers")
+    bundled = Path(__file__).resolve().parents[1] / "src/passuntil/bundled/tiny"
+    series = tmp_path / "hf.toml"
+    series.write_text("".join(f'[[models]]\nname = "{m}"\nn_params = {n}\nbackend = "transformers"\n'
+                              f'path = "{bundled / m}"\n' for m, n in (("tiny-3", 1e4), ("tiny-7", 1e6))))
+    tables = {}
+    for name, flags in (("hf", ("--series", series)), ("builtin", ("--series", "tiny", "--model", "tiny-3",
+                                                                   "--model", "tiny-7"))):
+        db = tmp_path / f"{name}.sqlite"
+        r = invoke("eval", "--exact", "--task", "dates", "--task", "reverse", "--limit", 4, *flags,
+                   "--temperature", 0.7, "--top-k", 20, "--top-p", 0.9, "--store", db)
+        assert r.exit_code == 0, r.output
+        assert "16 exact pass probabilities" in r.output
+        df = pd.read_csv(_export(db, tmp_path), dtype={"instance_id": str})
+        tables[name] = df.set_index(["model", "task", "instance_id"])["exact_p"].sort_index()
+    assert tables["hf"].index.equals(tables["builtin"].index)
+    np.testing.assert_allclose(tables["hf"], tables["builtin"], atol=1e-5, rtol=0)
+    small = (tables["builtin"] > 0) & (tables["builtin"] < 1e-2)
+    assert tables["builtin"].max() > 0.5 and small.any()  # from near-certain to rare, not only zeros
+    np.testing.assert_allclose(tables["hf"][small], tables["builtin"][small], rtol=1e-4)  # the rare ones too
+
+
+def test_a_sampled_transformers_run_stores_no_exact_probability(tmp_path):
+    """Beside sampling, only a sampler whose number is exact (the built-in one: byte-level) stores
+    `exact_p`; a transformers model's may be a BPE lower bound, which scoring would take for the
+    truth, so a sampled run leaves it empty (an `--exact` run computes it, noted as what it is)."""
+    pytest.importorskip("transformers")
+    bundled = Path(__file__).resolve().parents[1] / "src/passuntil/bundled/tiny"
+    series = tmp_path / "hf.toml"
+    series.write_text(f'[[models]]\nname = "tiny-3"\nn_params = 1e4\nbackend = "transformers"\n'
+                      f'path = "{bundled / "tiny-3"}"\n')
+    stored = {}
+    for name, flags in (("hf", ("--series", series)), ("builtin", ("--series", "tiny", "--model", "tiny-3"))):
+        db = tmp_path / f"{name}.sqlite"
+        r = invoke("eval", "--task", "dates", "--limit", 2, "--k", 1, "--max-samples", 4, *flags, "--store", db)
+        assert r.exit_code == 0, r.output
+        stored[name] = pd.read_csv(_export(db, tmp_path))["exact_p"]
+    assert stored["hf"].isna().all() and stored["builtin"].notna().all()

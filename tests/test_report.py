@@ -117,3 +117,21 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 
     pixels = mpimg.imread(shot)
     assert pixels.shape[0] >= 2000 and pixels.std() > 0.05  # figures drawn, not a blank page
+
+
+def test_a_sampled_cell_wins_over_the_exact_run_of_the_same_cell():
+    """A demo store holds an exact run beside PassUntil's: the report draws PassUntil's counts for
+    a cell both hold (whatever the runs' order), with the exact p from the exact run where the
+    sampled run recorded none; a cell only the exact run holds stays exact."""
+    from passuntil.report import _one_row_per_cell
+
+    rows = pd.DataFrame([
+        {"model": "m", "task": "t", "instance_id": "0", "stopped": "k", "samples": 40, "exact_p": None},
+        {"model": "m", "task": "t", "instance_id": "0", "stopped": "exact", "samples": 0, "exact_p": 0.05},
+        {"model": "m", "task": "t", "instance_id": "1", "stopped": "exact", "samples": 0, "exact_p": 0.2},
+        {"model": "m", "task": "t", "instance_id": "1", "stopped": "budget", "samples": 30, "exact_p": 0.21}])
+    out = _one_row_per_cell(rows).set_index("instance_id")
+    assert len(out) == 2 and out.loc["0", "samples"] == 40 and out.loc["0", "exact_p"] == 0.05
+    assert out.loc["1", "samples"] == 30 and out.loc["1", "exact_p"] == 0.21
+    only_exact = _one_row_per_cell(rows.iloc[[2]]).iloc[0]
+    assert only_exact["stopped"] == "exact" and only_exact["exact_p"] == 0.2

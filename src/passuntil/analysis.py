@@ -210,11 +210,9 @@ def _exact_forecast(data, *, task, target_model, target_n, level, thresholds) ->
     shape = _classify_exact(classify_exact, n, p, task)
     warnings = [f"data: {DATA}; the line through the mean p gives {fc.dataset_point:.4g} "
                 f"[{fc.dataset_low:.4g}, {fc.dataset_high:.4g}]"]
-    if shape.accelerated:
-        warnings.append(f"the scaling curve looks {shape.category} (curvature z = {shape.z:.1f}): "
-                        "accelerated emergence makes extrapolating the task law unsafe")
+    warnings += [f"{w.code}: {w.message}" for w in exact_warnings(n, p, target_n, shape)]
     if target_n < n.max():
-        warnings.append("the target is inside the fitted range (interpolation, not a forecast)")
+        warnings.append("interpolation: the target is not beyond the largest fitted size (not a forecast)")
     zeros = tuple(tuple(0 for _ in models) for _ in ids)
     record = ForecastData(tuple(ids), tuple(models), tuple(float(v) for v in n), 0, zeros, zeros,
                           tuple(tuple(float(v) for v in row) for row in p))
@@ -226,11 +224,107 @@ def _exact_forecast(data, *, task, target_model, target_n, level, thresholds) ->
         package_version=_version(), git_commit=git_commit())
 
 
+def exact_warnings(n, p, target_n: float, shape) -> list:
+    """The `scaling.warnings.forecast_warnings` codes that apply to exact data (`shape`: its
+    `classify_exact` class): all-zero, inverse-scaling / non-scaling, extrapolation (the same
+    rule), and accelerated-emergence from the curvature alone (concave or mixed: |z| > 2.5,
+    what `forecast_warnings` accepts without a backtest; with exact data the curvature has no
+    sampling noise, only the instances' disagreement). Lack of fit is the interval itself."""
+    import math
+
+    from passuntil.scaling.warnings import Warning
+
+    n, p = np.asarray(n, dtype=float), np.asarray(p, dtype=float)
+    if not (p > 0).any():
+        return [Warning("all-zero", f"every exact probability is 0 at the {n.size} sizes: there is no law "
+                        "to extrapolate")]
+    out = []
+    if shape.category == "inverse":
+        out.append(Warning("inverse-scaling", f"p falls as N grows (pooled slope of log(-log p) {shape.slope:+.3g}): "
+                           "the task law assumes growth"))
+    elif shape.category == "flat":
+        out.append(Warning("non-scaling", f"p does not change measurably with N (pooled slope {shape.slope:+.3g}): "
+                           "an extrapolated law is not supported"))
+    lo, hi = float(n.min()), float(n.max())
+    if math.isfinite(target_n) and target_n > hi and (math.log(target_n / hi) > max(math.log(hi / lo), 1e-9)
+                                                       or target_n / hi > 100):
+        out.append(Warning("extrapolation", f"the target N = {target_n:.3g} is {target_n / hi:.3g}x the largest "
+                           f"fitted size ({hi:.3g}); the fitted sizes span {hi / lo:.3g}x: the law is "
+                           "extrapolated further than it was measured"))
+    if shape.accelerated:
+        out.append(Warning("accelerated-emergence", f"the exact scaling curve is {shape.category} within the "
+                           f"fitted sizes (curvature z = {shape.z:.2g}, no sampling noise): accelerated emergence "
+                           "makes a forecast from the task law likely too low"))
+    return out
+
+
+def fired(warnings) -> list[str]:
+    """The codes of a forecast record's warnings (`code: message`), without the exact data's note."""
+    return [w.split(":", 1)[0] for w in warnings if not w.startswith("data:")]
+
+
 def _classify_exact(classify_exact, n, p, task, **kw):
     try:
         return classify_exact(n, p, **kw)
     except (ValueError, np.linalg.LinAlgError) as err:
         raise UserError(f"cannot classify {task!r} on this data: {err}") from None
+
+
+ACCELERATION = "accelerated-emergence"
+
+
+def _sampled_warnings(store_path, run_id, task, target_model, target_n, record) -> tuple[str, list[str]]:
+    """(class, warning codes) of PassUntil's forecast of the target from a sampled run: the
+    given record (e.g. the demo's pre-registered one), else made now from the run's other sizes."""
+    if record is None:
+        _, df = task_counts(store_path, run_id, task)
+        held = target_model if target_model in set(df["model"]) else None
+        try:
+            record = forecast(store_path, task=task, run_id=run_id, target_model=held,
+                              target_n=None if held else target_n, method="likelihood", level=0.9)
+        except UserError as err:
+            if "all-zero" not in str(err):
+                raise
+            return "undetermined", ["all-zero"]
+    return record.emergence, fired(record.warnings)
+
+
+def warning_comparison(store_path: str, *, sampled_run: str, exact_run: str, target_model: str,
+                       tasks=None, sampled=None) -> list[dict]:
+    """Per task computed exactly in `exact_run`: did a warning of accelerated emergence fire
+    before `target_model` was seen, from PassUntil's counts (`sampled_run`, or the records in
+    `sampled`: task -> ForecastRecord) and from the exact probabilities of the smaller sizes?
+    With each side's class and warning codes, the exact forecast and the target's exact p."""
+    store, _ = open_run(store_path, exact_run)
+    open_run(store_path, sampled_run)
+    budget = store.run_config(sampled_run)["engine"]["max_samples"]
+    sampled = sampled or {}
+    rows = []
+    for task in tasks or sorted(set(estimates_table_tasks(store, exact_run))):
+        whole = exact_data(store_path, exact_run, task)
+        if whole is None or target_model not in whole[1]:
+            continue
+        n, names, _, p, _ = whole
+        record = forecast(store_path, task=task, run_id=exact_run, target_model=target_model, target_n=None,
+                          method="likelihood", level=0.9)
+        pu_class, pu_codes = _sampled_warnings(store_path, sampled_run, task, target_model, record.target_n,
+                                               sampled.get(task))
+        codes = fired(record.warnings)
+        rows.append({"task": task, "target": target_model, "budget": int(budget),
+                     "PassUntil class": pu_class, "PassUntil warnings": ", ".join(pu_codes) or "none",
+                     "PassUntil warned": ACCELERATION in pu_codes,
+                     "exact class": record.emergence, "exact curvature z": record.curvature_z,
+                     "exact warnings": ", ".join(codes) or "none", "exact warned": ACCELERATION in codes,
+                     "exact forecast": record.point, "exact p at target": float(p[:, names.index(target_model)].mean())})
+    return rows
+
+
+def estimates_table_tasks(store, run_id: str) -> list[str]:
+    """The tasks a run holds results for, in their first order."""
+    from passuntil.tables import estimates_table
+
+    df = estimates_table(store, run_id)
+    return [] if df.empty else list(dict.fromkeys(df["task"]))
 
 
 def score_forecast_file(forecast_path: str, store_path: str, *, model: str | None,

@@ -47,9 +47,9 @@ SETTINGS = {
 }
 
 
-def _evaluate(store: Store, run_id: str, series: str, models, tasks, engine: dict) -> None:
+def _evaluate(store: Store, run_id: str, series: str, models, tasks, engine: dict, exact: str = "off") -> None:
     config = resolve_config(store, run_id, resume=store.run_exists(run_id), series=series,
-                            models=models, tasks=tasks, engine_overrides={**engine, "seed": 0})
+                            models=models, tasks=tasks, engine_overrides={**engine, "seed": 0}, exact=exact)
     run_with_progress(store, run_id, config, console=Console(stderr=True))
 
 
@@ -90,6 +90,28 @@ def _pass_at_k_table(forecasts: dict, target) -> Table:
         by_k = {q.k: q for q in record.pass_at_k}
         table.add_row(task, *(f"{by_k[k].mean:.3g} [{by_k[k].low:.3g}, {by_k[k].high:.3g}]" if k in by_k else "-"
                               for k in ks))
+    return table
+
+
+def _exact_tasks(tasks, models) -> list[str]:
+    """The demo's tasks the exact mode computes on this series (exact-match checks)."""
+    from passuntil.reference import exact_refusal
+
+    return [t for t in tasks if all(exact_refusal(get_task(t), m.backend) is None for m in models)]
+
+
+def _warning_table(rows: list[dict], target) -> Table:
+    table = Table(title=f"Warning of accelerated emergence before {target.name} is seen: PassUntil at the "
+                        "demo's budget vs the exact probabilities of the smaller sizes (infinite resolution)")
+    for col in ("task", f"PassUntil (budget {rows[0]['budget']:,})", "PassUntil class", "exact",
+                "exact class (curvature z)", "exact forecast", f"exact p at {target.name}"):
+        table.add_column(col)
+    for r in rows:
+        z = r["exact curvature z"]
+        table.add_row(r["task"], f"{'yes' if r['PassUntil warned'] else 'no'} ({r['PassUntil warnings']})",
+                      r["PassUntil class"], f"{'yes' if r['exact warned'] else 'no'} ({r['exact warnings']})",
+                      r["exact class"] + ("" if z is None else f" ({z:+.1f})"), f"{r['exact forecast']:.4g}",
+                      f"{r['exact p at target']:.4g}")
     return table
 
 
@@ -151,6 +173,18 @@ def run_demo(out_dir: Path, *, quick: bool = False, series: str = "tiny",
                       "" if truth != truth else "yes" if score.low <= truth <= score.high else "no",
                       f"{th.n_params:.3g}")
     console.print(table)
+    # beside PassUntil, the exact mode on every size (one forward pass per instance and size):
+    # does a warning fire before the target from the exact probabilities of the smaller sizes?
+    from passuntil.analysis import warning_comparison
+
+    exact_tasks = _exact_tasks(tasks, models)
+    warned = []
+    if exact_tasks:
+        _evaluate(store, f"exact-{runs}", series, [m.name for m in models], exact_tasks, engine, exact="on")
+        warned = warning_comparison(str(store.path), sampled_run=f"{runs}-small", exact_run=f"exact-{runs}",
+                                    target_model=target.name, tasks=exact_tasks,
+                                    sampled={t: forecasts[t][0] for t in exact_tasks})
+        console.print(_warning_table(warned, target))
     summary = out_dir / f"{tag}-results.csv"
     pd.concat([df_small.assign(stage="before forecast"), df_target.assign(stage="target")]
               ).to_csv(summary, index=False)
@@ -162,10 +196,12 @@ def run_demo(out_dir: Path, *, quick: bool = False, series: str = "tiny",
              "inside": s.inside_interval,
              "observed": s.observed, "observed_is": s.observed_is, "exact": s.exact, "class": c.category,
              "true_class": true_class[t]}
-         for (t, (r, c)), (_, s) in zip(forecasts.items(), scored)}, indent=1))
+         for (t, (r, c)), (_, s) in zip(forecasts.items(), scored)}
+        | {"warning_before_target": warned}, indent=1))
     from passuntil.report import load_report_data, write_report
 
-    data = load_report_data(store, [f"{runs}-small", f"{runs}-target"], forecasts=[r for r, _ in scored])
+    data = load_report_data(store, [f"{runs}-small", f"{runs}-target"], forecasts=[r for r, _ in scored],
+                             warnings_before_target=warned)
     page = write_report(data, out_dir / f"{tag}-report", title=f"passuntil demo: {series} series")
     console.print(f"report: {page}\nresults: {summary}; forecasts: {out_dir}/{runs}-forecast-*.json; "
                   f"store: {store.path}", soft_wrap=True)

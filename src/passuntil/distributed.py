@@ -53,8 +53,7 @@ class ShardWorker:
         return model, list(getattr(sampler, "warnings", ()))
 
     def reference_scores(self, model: str) -> reference.ReferenceScores:
-        scored = reference.for_model(self.spec, model, self.tasks)
-        return reference.compute(self._sampler(model), scored, self.spec.engine)
+        return reference.compute(self._sampler(model), self.spec, model, self.tasks)
 
 
 def connect(address: str, workers: int | None):

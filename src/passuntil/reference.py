@@ -10,7 +10,7 @@ probability is the run's data and no sample is drawn; these rows are always comp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from passuntil.backends.base import SamplingParams, ScoringUnavailable
@@ -24,6 +24,8 @@ STAGE = "reference scores"
 # backends whose sampler computes P(one sample passes an Exact check) under its own sampling
 # distribution -> what the number is (see docs/statistics.md, "Exact pass probabilities")
 EXACT_BACKENDS = {"torch": "byte-level tokenizer: every text has one token sequence",
+                  "transformers": "each reference and stop in the tokenizer's own encoding only: exact where "
+                                  "a text has one token sequence (a byte-level tokenizer), a lower bound with BPE",
                   "simulated": "the simulated truth"}
 EXACT_MODES = ("off", "on", "auto")
 
@@ -54,18 +56,22 @@ class ReferenceScores:
     unavailable: str | None = None
 
 
-def reference_scores(sampler, tasks: Sequence[Task], cfg: EngineConfig) -> list[tuple]:
+def reference_scores(sampler, tasks: Sequence[Task], cfg: EngineConfig, *,
+                     exact_for: Collection[str] = ()) -> list[tuple]:
     """Per instance: the reference answer's teacher-forced log-prob and token count (the paper's
-    test loss), and, where the backend computes it and the check is exact match, the exact
-    probability that one sample is exactly a reference."""
+    test loss), and, for exact-match tasks, the probability that one sample is exactly a
+    reference: always for the tasks the run computes exactly (`exact_for`), and beside sampling
+    only where the sampler's number is exact (`exact_is_exact`: not a BPE lower bound that
+    scoring would take for the truth)."""
     rows = []
     for task in tasks:
         prompts = [task.prompt(x) for x in task.instances]
         scores = sampler.score(prompts, [task.answer_prefix + x.references[0] for x in task.instances])
         exact_fn = getattr(sampler, "exact_pass_probability", None)
+        wanted = task.name in exact_for or getattr(sampler, "exact_is_exact", False)
         for inst, prompt, sc in zip(task.instances, prompts, scores):
             exact = None
-            if exact_fn is not None and isinstance(task.check, Exact):
+            if exact_fn is not None and wanted and isinstance(task.check, Exact):
                 exact = exact_fn(prompt, inst.references, SamplingParams(
                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                     max_tokens=cfg.max_tokens or task.max_new_tokens, stop=task.stop))
@@ -80,11 +86,13 @@ def for_model(spec: RunSpec, model: str, tasks: Sequence[Task]) -> list[Task]:
     return list(tasks) if spec.reference_scores else exact
 
 
-def compute(sampler, tasks: Sequence[Task], cfg: EngineConfig) -> ReferenceScores:
-    """Score one model, turning a backend's `ScoringUnavailable` into a reason (it can cross a
-    process boundary, e.g. from a Ray actor, as plain data)."""
+def compute(sampler, spec: RunSpec, model: str, tasks: Sequence[Task]) -> ReferenceScores:
+    """Score what one model owes the run (`for_model`), turning a backend's `ScoringUnavailable`
+    into a reason (it can cross a process boundary, e.g. from a Ray actor, as plain data)."""
+    exact_for = {t.name for t in exact_tasks(spec, spec.model(model).backend, tasks)}
     try:
-        return ReferenceScores(tuple(reference_scores(sampler, tasks, cfg)))
+        return ReferenceScores(tuple(reference_scores(sampler, for_model(spec, model, tasks),
+                                                      spec.engine, exact_for=exact_for)))
     except ScoringUnavailable as err:
         return ReferenceScores(unavailable=str(err))
 

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from passuntil import report_figures as figs
-from passuntil.emergence import classify
+from passuntil.emergence import classify, classify_exact
 from passuntil.errors import UserError
 from passuntil.metrics import metric_table
 from passuntil.scaling.data import SeriesCounts
@@ -43,9 +43,26 @@ class ReportData:
     forecasts: list[tuple[ForecastRecord, ForecastScore | None]] = field(default_factory=list)
     references: dict = field(default_factory=dict)
     runs: list[dict] = field(default_factory=list)  # store.run_info of each run
+    # per exact-match task: did a warning fire before the target, PassUntil vs exact probabilities
+    # (`analysis.warning_comparison`); empty: no such comparison was made
+    warnings_before_target: list[dict] = field(default_factory=list)
 
 
-def load_report_data(store: Store, run_ids: list[str], forecasts=()) -> ReportData:
+def _one_row_per_cell(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, task, instance): the last run's, except that a sampled row wins over an
+    exact-mode row of the same cell (a demo store holds both; PassUntil's counts are what the
+    figures draw), taking the exact p from it where its own run recorded none."""
+    key = ["model", "task", "instance_id"]
+    exact = results["stopped"] == "exact" if "stopped" in results else pd.Series(False, index=results.index)
+    if "exact_p" in results and exact.any():
+        known = results[exact].drop_duplicates(key, keep="last").set_index(key)["exact_p"]
+        filled = pd.Series(known.reindex(pd.MultiIndex.from_frame(results[key])).to_numpy(), index=results.index)
+        results = results.assign(exact_p=results["exact_p"].fillna(filled))
+    order = results.assign(_exact=exact).sort_values("_exact", ascending=False, kind="stable")
+    return order.drop_duplicates(key, keep="last").drop(columns="_exact").sort_index()
+
+
+def load_report_data(store: Store, run_ids: list[str], forecasts=(), warnings_before_target=()) -> ReportData:
     """Results, completions and settings of the runs; each forecast scored where its target
     model's results cover its instances (`ForecastRecord.score_results`)."""
     from passuntil.analysis import task_references
@@ -53,8 +70,7 @@ def load_report_data(store: Store, run_ids: list[str], forecasts=()) -> ReportDa
     frames = [f for f in (estimates_table(store, r) for r in run_ids) if not f.empty]
     if not frames:
         raise UserError(f"run(s) {', '.join(run_ids)} hold no results yet: nothing to report")
-    results = pd.concat(frames, ignore_index=True)
-    results = results.drop_duplicates(["model", "task", "instance_id"], keep="last")
+    results = _one_row_per_cell(pd.concat(frames, ignore_index=True))
     comps = pd.concat([store.completions(r) for r in run_ids], ignore_index=True)
     runs = [store.run_info(r) for r in run_ids]
     k_of = {r["run_id"]: r["config"]["engine"]["k_target"] for r in runs}
@@ -64,7 +80,7 @@ def load_report_data(store: Store, run_ids: list[str], forecasts=()) -> ReportDa
         scored.append((record, None if rows is None else
                        record.score_results(results, k_target=k_of[rows["run_id"].iloc[0]])))
     refs = task_references(store, run_ids) if not comps.empty else {}
-    return ReportData(results, comps, k_of[run_ids[0]], scored, refs, runs)
+    return ReportData(results, comps, k_of[run_ids[0]], scored, refs, runs, list(warnings_before_target))
 
 
 def _embed(fig, name: str, out_dir: Path) -> str:
@@ -201,17 +217,48 @@ def _forecast_rows(data: ReportData) -> list[dict]:
     return rows
 
 
+def _task_class(g: pd.DataFrame, k_target: int):
+    """A task's emergence class: `classify_exact` where every row is an exact probability (an
+    exact-mode run: no samples, so the sampled `classify` would see empty cells), else
+    `classify` on the PassUntil counts; None where there is too little signal to classify."""
+    try:
+        if "stopped" in g and (g["stopped"] == "exact").all() and g["exact_p"].notna().all():
+            table = g.pivot_table(index="instance_id", columns="n_params", values="exact_p")
+            return classify_exact(table.columns.to_numpy(dtype=float), table.to_numpy(dtype=float))
+        return classify(SeriesCounts.from_table(g, k_target=k_target))
+    except Exception:  # noqa: BLE001 - too little signal to classify: drawn without a class
+        return None
+
+
+WARNING_CAPTION = (
+    "warning before {target}: whether the accelerated-emergence warning fired from the sizes below {target} "
+    "alone, before it was evaluated: from PassUntil's counts at the budget of {budget:,} samples per instance "
+    "(the pre-registered forecast's warnings) and from the exact pass probabilities of the same sizes (infinite "
+    "resolution: one forward pass per instance, no sampling noise; the curvature z is classify_exact's). "
+    "Each side's other warning codes are listed beside it; 'exact forecast' is the exact-ls law's mean p at "
+    "{target}, 'exact p at {target}' the truth it is scored against.")
+
+
+def warning_rows(data: ReportData) -> tuple[list[dict], str]:
+    """The "warning before the target: PassUntil (budget B) vs exact" table and its caption."""
+    rows = data.warnings_before_target
+    if not rows:
+        return [], ""
+    target, budget = rows[0]["target"], rows[0]["budget"]
+    out = [{"task": r["task"], f"PassUntil (budget {budget:,}) warned": r["PassUntil warned"],
+            "PassUntil class": r["PassUntil class"], "PassUntil warnings": r["PassUntil warnings"],
+            "exact warned": r["exact warned"], "exact class": r["exact class"],
+            "exact curvature z": r["exact curvature z"], "exact warnings": r["exact warnings"],
+            "exact forecast": r["exact forecast"], f"exact p at {target}": r["exact p at target"]} for r in rows]
+    return out, WARNING_CAPTION.format(target=target, budget=budget)
+
+
 def write_report(data: ReportData, out_dir: Path, *, title: str = "passuntil report") -> Path:
     """Write report.html and the figures as PNG and SVG into out_dir; returns the HTML path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     res = data.results
     tasks = list(dict.fromkeys(res["task"]))
-    classes = {}
-    for t in tasks:
-        try:
-            classes[t] = classify(SeriesCounts.from_table(res[res["task"] == t], k_target=data.k_target))
-        except Exception:  # noqa: BLE001 - too little signal to classify: drawn without a class
-            classes[t] = None
+    classes = {t: _task_class(res[res["task"] == t], data.k_target) for t in tasks}
     figures = [("fig2_passed_vs_samples", "Passed instances against sample count (paper Fig. 2)",
                 figs.fig_passed_vs_samples(res, tasks)),
                ("fig3_loss", "Reference test loss against N with the loss law (Fig. 3)", figs.fig_loss(res, tasks)),
@@ -241,6 +288,11 @@ def write_report(data: ReportData, out_dir: Path, *, title: str = "passuntil rep
             _forecast_rows(data), "observed = mean unbiased PassUntil estimate of the target (reported beside "
                                   "the score); inside = the score's verdict: the exact p within the 'these instances' "
                                   "interval, or |z| of the cells' likelihood within the level's normal quantile"))
+    warn, caption = warning_rows(data)
+    if warn:
+        parts.append(f'<section id="warning-before-target"><h2>Warning before {html.escape(data.warnings_before_target[0]["target"])}: '
+                     f'PassUntil (budget {data.warnings_before_target[0]["budget"]:,}) vs exact</h2>'
+                     + _table(warn, caption) + "</section>")
     cls = [{"task": t, "class": c.category, "curvature": c.curvature, "SE": c.curvature_se, "z": c.z,
             "sizes used": c.models_used, "note": c.note or "–"} for t, c in classes.items() if c is not None]
     parts.append("<h2>Emergence classes</h2>" + _table(cls, "instance-level curvature test (|z| > 2.5: not linear)"))

@@ -113,8 +113,7 @@ class LocalRunner:
                 notes += record_sampler_warnings(store, run_id, m.name, getattr(sampler, "warnings", ()))
                 if owes_scores:
                     tally.stage(reference.STAGE)
-                    scored = reference.for_model(spec, m.name, tasks)
                     note = reference.record(store, run_id, m.name,
-                                            reference.compute(sampler, scored, spec.engine))
+                                            reference.compute(sampler, spec, m.name, tasks))
                     notes += [note] if note else []
         return stored_outcome(store, run_id, spec, tasks=tasks, samples=tally.samples, notes=notes)

@@ -225,6 +225,55 @@ class TransformersSampler:
         text, stopped = truncate_at_stop(self.tokenizer.decode(tokens), stops)
         out[r][j] = Completion(j, text, tuple(tokens), "stop" if stopped or reason == "stop" else "length")
 
+    # exact pass probability ---------------------------------------------------------------------
+
+    def exact_pass_probability(self, prompt: str, references: Sequence[str], params: SamplingParams) -> float:
+        """P(one sample's text is exactly one of `references`), under this sampler's own sampling
+        distribution (`sampling_distribution` at the run's temperature, top-k and top-p, the
+        prompt cut as `generate` cuts it), by teacher forcing.
+
+        Sums, over references, the probability of drawing the reference's own tokenization
+        (`_ids`) and then ending right after it: an end-of-sequence token, a stop sequence (its
+        own tokenization; the text is cut there) or max_tokens reached. With a tokenizer where a
+        text has one token sequence (the bundled byte-level one) this is exact; with a BPE
+        tokenizer other token sequences spelling the same text are not summed: a lower bound.
+        For an `Exact(strip=True)` check it is a lower bound as well (whitespace variants pass).
+        """
+        stops = [s for s in params.stop if s and not any(o != s and s.startswith(o) for o in params.stop if o)]
+        base = self._prompt_ids(prompt, params.max_tokens)
+        total = 0.0
+        for ref in dict.fromkeys(references):
+            ids = self._ids(ref)
+            if len(ids) > params.max_tokens:
+                continue
+            probs = self._step_probs(base, ids, params)  # (len(ids) + 1, V)
+            p_ref = float(probs[range(len(ids)), ids].prod()) if ids else 1.0
+            if len(ids) == params.max_tokens:
+                total += p_ref
+                continue
+            p_end = float(probs[len(ids), self.eos].sum())
+            for stop in stops:
+                sid = self._ids(stop)
+                if len(ids) + len(sid) <= params.max_tokens:
+                    p_end += float(self._step_probs(base + ids, sid, params)[range(len(sid)), sid].prod())
+            total += p_ref * p_end
+        return total
+
+    def _step_probs(self, context: list[int], ids: list[int], params: SamplingParams):
+        """The sampling distribution at each step of continuing `context` with `ids`: (len(ids) + 1, V)."""
+        torch = self.torch
+        from passuntil.backends.torch_backend import sampling_distribution
+
+        full = context + ids
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([full], device=self.device),
+                                attention_mask=torch.ones(1, len(full), dtype=torch.long, device=self.device)
+                                ).logits[0, len(context) - 1:].float()
+        n = logits.shape[0]
+        return sampling_distribution(logits, torch.full((n,), float(params.temperature)),
+                                     torch.full((n,), int(params.top_k or 0)),
+                                     torch.full((n,), float(params.top_p))).cpu()
+
     # scoring ------------------------------------------------------------------------------------
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:

@@ -34,6 +34,8 @@ def near_misses(answer: str, count: int) -> list[str]:
 class SimulatedSampler:
     """Sampler over a table prompt -> (answer, true pass probability)."""
 
+    exact_is_exact = True  # the simulated truth
+
     def __init__(
         self,
         name: str,

@@ -77,6 +77,8 @@ def sampling_distribution(logits: torch.Tensor, temperature: torch.Tensor, top_k
 class TorchSampler:
     """Sampler over a `Transformer` (see module docstring)."""
 
+    exact_is_exact = True  # a byte-level tokenizer: every text has one token sequence
+
     def __init__(self, model: Transformer, *, name: str = "model", device: str = "cpu",
                  max_rows: int | None = None, cache_bytes: int | None = None, prefix_cache: int = 256):
         self.model = model.to(device).eval()

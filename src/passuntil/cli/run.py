@@ -36,7 +36,7 @@ from passuntil.errors import UserError
               help="Skip the reference answers' test loss and exact pass probability.")
 @click.option("--exact", "exact", type=click.Choice(["on", "auto"]), is_flag=False, flag_value="on",
               default=None, help="Store each instance's exact pass probability instead of sampling "
-              "(exact-match tasks, torch/simulated backends); --exact=auto samples the rest.")
+              "(exact-match tasks, torch/transformers/simulated backends); --exact=auto samples the rest.")
 @click.option("--unsafe-local-execution", is_flag=True,
               help="Run code checks without the sandbox's isolation where it is unavailable (recorded).")
 @click.option("--ray", "ray_address", default=None,
