@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from passuntil.backends.base import SamplingParams
-from passuntil.evaluate import estimates_table, resolve_config, run_with_progress
+from passuntil.evaluate import resolve_config, run_with_progress
 from passuntil.scaling import fit_loss_law
 from passuntil.series import load_series, open_sampler
 from passuntil.store import Store
+from passuntil.tables import estimates_table
 from passuntil.tasks import get_task
 
 BUDGETS = {"arith": 5000, "dates": 3000, "reverse": 3000, "code": 100}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import multiprocessing as mp
 import os
 import re
@@ -347,15 +346,6 @@ def test_thirty_processes_creating_one_store_and_run_at_once(tmp_path):
 
 # through the command line -----------------------------------------------------------------------
 
-def _eval_holds_lease() -> bool:
-    """Whether `passuntil eval` samples under the run's lease (the runners wire `Store.lease`)."""
-    try:
-        from passuntil import runner
-    except ImportError:
-        return False
-    return "lease(" in inspect.getsource(runner)
-
-
 SLOW_SERIES = """name = "slow-sim"
 [[models]]
 name = "0.03B"
@@ -391,7 +381,6 @@ def _wait_for_lease(path, proc):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _eval_holds_lease(), reason="`passuntil eval` does not take the run lease yet")
 def test_second_resume_is_refused_and_a_killed_holder_is_taken_over(tmp_path):
     """A run killed (-9) while sampling; a --resume takes its lease over; a second --resume at the
     same time exits 2 with one line naming the first; killed too, a last --resume ends the run

@@ -21,12 +21,13 @@ from rich.console import Console
 from rich.table import Table
 
 from passuntil.emergence import classify, classify_exact
-from passuntil.evaluate import estimates_table, resolve_config, run_with_progress
+from passuntil.evaluate import resolve_config, run_with_progress
 from passuntil.jsonio import dumps
 from passuntil.scaling.data import SeriesCounts
 from passuntil.scaling.forecast import make_forecast, read_forecast, write_forecast
 from passuntil.series import load_series
 from passuntil.store import Store
+from passuntil.tables import estimates_table
 from passuntil.tasks import get_task
 from passuntil.tasks.simulated import SIMULATED_TASKS, law_probability
 

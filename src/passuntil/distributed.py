@@ -16,7 +16,7 @@ from passuntil import reference
 from passuntil.backends import registry
 from passuntil.engine import Progress, run_passuntil
 from passuntil.errors import UserError
-from passuntil.runner import RunOutcome, Tally, lease, load_states, sampled_tasks, stored_outcome
+from passuntil.runner import RunOutcome, Tally, load_states, sampled_tasks, stored_outcome
 from passuntil.runspec import RunSpec, record_sampler_warnings
 from passuntil.series import open_sampler
 
@@ -91,7 +91,7 @@ class RayRunner:
 
     def run(self, store, run_id: str, spec: RunSpec, *, progress: Progress | None = None
             ) -> RunOutcome:
-        with lease(store, run_id):
+        with store.lease(run_id):  # one writer per run
             tally = Tally(progress)
             notes = self._run(store, run_id, spec, tally)
         return stored_outcome(store, run_id, spec, samples=tally.samples, notes=notes)

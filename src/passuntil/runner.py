@@ -56,10 +56,6 @@ class Tally(Progress):
         self.inner.stage(name)
 
 
-def lease(store, run_id: str):
-    """The run's writer lease (`Store.lease`), so that two processes never sample one run."""
-    return store.lease(run_id)
-
 
 def load_states(store, run_id: str, spec: RunSpec, tasks: Sequence[Task], model: str):
     states = new_states(tasks, model=model, seed=spec.engine.seed)
@@ -95,7 +91,7 @@ class LocalRunner:
         tasks = spec.load_tasks()
         names = [t.name for t in tasks]
         notes = []
-        with lease(store, run_id):
+        with store.lease(run_id):  # one writer per run
             for m in spec.models:
                 tally.set_model(m.name, names)
                 sampled = sampled_tasks(spec, m.name, tasks)
