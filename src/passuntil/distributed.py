@@ -5,7 +5,9 @@ store and the run's lease. Each actor runs the ordinary PassUntil engine on a sh
 round's updates on a Ray queue; the driver commits them one transaction per round, exactly as a
 local run does, so an interrupted distributed run resumes from the store (locally or on Ray) and,
 because every sample's seed depends only on (seed, model, task, instance, sample index), ends
-with the same counts as a local run.
+with the same counts as a local run. `RayCells` does the same for the rounds of a
+`--design forecast` run (`passuntil.design_runner`): the driver decides each round, the actors
+draw the cells to their counts (`engine.run_quotas`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 
 from passuntil import reference
 from passuntil.backends import registry
-from passuntil.engine import Progress, run_passuntil
+from passuntil.engine import Progress, run_passuntil, run_quotas
 from passuntil.errors import UserError
 from passuntil.runner import RunOutcome, Tally, load_states, sampled_tasks, stored_outcome
 from passuntil.runspec import RunSpec, record_sampler_warnings
@@ -50,6 +52,13 @@ class ShardWorker:
         sampler = self._sampler(model)
         run_passuntil(sampler, self.tasks, self.spec.engine, model=model, states=states,
                       commit=lambda updates: queue.put((model, updates)))
+        return model, list(getattr(sampler, "warnings", ()))
+
+    def run_quota_shard(self, model: str, states, targets, queue) -> tuple[str, list[str]]:
+        """Draw one shard's cells up to their counts of a `--design forecast` round."""
+        sampler = self._sampler(model)
+        run_quotas(sampler, self.tasks, self.spec.engine, model=model, states=states, targets=targets,
+                   commit=lambda updates: queue.put((model, updates)))
         return model, list(getattr(sampler, "warnings", ()))
 
     def reference_scores(self, model: str) -> reference.ReferenceScores:
@@ -165,3 +174,62 @@ def run_eval_ray(store, run_id: str, spec: RunSpec | dict, *, address: str = "lo
     """`RayRunner(address, workers, shard_size).run(...)` (a spec or a stored config dict)."""
     spec = spec if isinstance(spec, RunSpec) else RunSpec.from_dict(spec)
     return RayRunner(address, workers, shard_size).run(store, run_id, spec, progress=progress)
+
+
+class RayCells:
+    """The cells of a `--design forecast` round sampled on Ray actors (the driver decides the
+    rounds and owns the store, as for `RayRunner`): each model's cells of a round in shards of
+    `shard_size`, every engine batch committed by the driver. Counts equal a local run's, since
+    every sample's seed depends only on (seed, model, task, instance, sample index)."""
+
+    def __init__(self, spec: RunSpec, address: str = "local", workers: int | None = None,
+                 shard_size: int = 8):
+        self.ray = connect(address, workers)
+        n_actors = workers or max(1, int(self.ray.available_resources().get("CPU", 1)))
+        remote = self.ray.remote(num_cpus=1)(ShardWorker)
+        self.actors = [remote.remote(spec.to_json()) for _ in range(n_actors)]
+        self.shard_size = shard_size
+        self.found: dict[str, dict[str, None]] = {}
+
+    def sample(self, store, run_id: str, model: str, states, targets, progress: Progress) -> None:
+        from ray.util.queue import Queue
+
+        ray, queue = self.ray, Queue()
+        seen = {st.key: st.samples for st in states}
+        todo = [st for st in states if targets.get(st.key, 0) > st.samples]
+        shards = [todo[i:i + self.shard_size] for i in range(0, len(todo), self.shard_size)]
+
+        def drain():
+            while not queue.empty():
+                try:
+                    name, updates = queue.get(timeout=0.2)
+                except Exception:  # noqa: BLE001 - ray.util.queue.Empty: nothing arrived yet
+                    return
+                store.commit_round(run_id, name, updates)
+                for u in updates:
+                    progress.advance(samples=u.state.samples - seen[u.state.key])
+                    seen[u.state.key] = u.state.samples
+
+        running, idle = {}, list(self.actors)
+        while shards or running:
+            while shards and idle:
+                actor, shard = idle.pop(), shards.pop(0)
+                goal = {st.key: targets[st.key] for st in shard}
+                running[actor.run_quota_shard.remote(model, shard, goal, queue)] = actor
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
+            drain()
+            for ref in ready:
+                name, found = _get(ray, ref)  # re-raises a worker's error here
+                self.found.setdefault(name, {}).update(dict.fromkeys(found))
+                idle.append(running.pop(ref))
+        drain()
+
+    def warnings(self, model: str) -> list[str]:
+        return list(self.found.get(model, {}))
+
+    def scores(self, model: str) -> reference.ReferenceScores:
+        return _get(self.ray, self.actors[0].reference_scores.remote(model))
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)

@@ -12,6 +12,10 @@ as overshoot, not counted). The result of an instance is therefore a function of
 alone: batching, pipelining, sharding over workers and resuming after a crash cannot change
 it.
 
+`run_quotas` is the engine's other mode, for a sequential design (`passuntil.design_runner`):
+each instance is drawn to a given count, every sample counted (no K-stop), with the same
+per-sample seeds.
+
 Checks of round r run in a background worker (a thread, or a process pool with
 `check_workers > 0`) while round r + 1 is sampled. A completion text is checked once per
 instance (verification cache). Each round's results are committed to the store in one
@@ -22,9 +26,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from passuntil.backends.base import Sampler, SamplingParams
 from passuntil.errors import UserError
@@ -113,7 +117,7 @@ class InstanceResult:
     passes: int
     pass_indices: tuple[int, ...]
     overshoot: int
-    stopped: str  # "k_passes" or "budget"
+    stopped: str  # "k_passes", "budget", or "design" (a quota met: `run_quotas`)
     seed: int
 
     def to_dict(self) -> dict:
@@ -306,8 +310,52 @@ def run_passuntil(
     return [st.result(model) for st in states]
 
 
-def _sample_round(sampler, active, by_task, cfg) -> list[tuple[InstanceState, list[str]]]:
-    wants = [request_size(st, cfg) for st in active]
+def run_quotas(
+    sampler: Sampler,
+    tasks: Sequence[Task],
+    cfg: EngineConfig,
+    *,
+    model: str,
+    states: list[InstanceState],
+    targets: Mapping[tuple[str, str], int],
+    commit: Callable[[list[RoundUpdate]], None] | None = None,
+    progress: Progress | None = None,
+) -> None:
+    """Draw samples for each instance until it has counted `targets[key]` of them (capped at
+    `cfg.max_samples`): fixed quotas, no K-stop (every sample counts), for a sequential design
+    that decides the quotas between calls (`passuntil.sequential`).
+
+    Sample j of an instance is draw j of its stream, as in `run_passuntil`, so the counts after a
+    call depend only on the seed and the targets, never on batching or interruption. An instance
+    that reaches its target is marked `stopped = "design"` (its counts are final for this
+    round; a later call with a higher target reopens it); one at the cap is `"budget"`."""
+    progress = progress or Progress()
+    cfg = replace(cfg, k_target=cfg.max_samples)  # K = the cap: nothing stops before it
+    by_task = {t.name: t for t in tasks}
+    goal = {st.key: min(int(targets.get(st.key, 0)), cfg.max_samples) for st in states}
+    active = []
+    for st in states:
+        st.next_index = st.samples
+        if goal[st.key] > st.samples:
+            st.stopped = None  # reopened by this round's quota
+            active.append(st)
+    checker = _Checker({t.name: t.check for t in tasks}, cfg.check_workers)
+    pending: tuple[list[tuple[InstanceState, list[str]]], Future] | None = None
+    try:
+        while active or pending:
+            progress.stage("sampling" if active else "checking")
+            wants = [goal[st.key] - st.next_index for st in active]
+            batch = _sample_round(sampler, active, by_task, cfg, wants) if active else []
+            if pending:
+                _finish_round(*pending, cfg, commit, progress, goal)
+            pending = (batch, checker.submit(batch)) if batch else None
+            active = [st for st in active if st.next_index < goal[st.key]]
+    finally:
+        checker.close()
+
+
+def _sample_round(sampler, active, by_task, cfg, wants=None) -> list[tuple[InstanceState, list[str]]]:
+    wants = [request_size(st, cfg) for st in active] if wants is None else wants
     alloc = share_batch(wants, cfg.batch_size)
     chosen = [(st, n) for st, n in zip(active, alloc) if n > 0]
     params = [
@@ -328,7 +376,7 @@ def _sample_round(sampler, active, by_task, cfg) -> list[tuple[InstanceState, li
     return batch
 
 
-def _finish_round(batch, future: Future, cfg, commit, progress) -> None:
+def _finish_round(batch, future: Future, cfg, commit, progress, goal=None) -> None:
     if not future.done():
         progress.stage("checking")
     verdicts = future.result()
@@ -338,6 +386,8 @@ def _finish_round(batch, future: Future, cfg, commit, progress) -> None:
         was_open = not st.stopped
         before = st.samples
         update = _apply(st, texts, cfg)
+        if goal is not None and not st.stopped and st.samples >= goal[st.key]:
+            st.stopped = "design"  # read by the commit below: the round's quota is met
         samples += st.samples - before
         if update:
             updates.append(update)

@@ -43,7 +43,7 @@ def isolation_mode(tasks: Sequence[Task]) -> str | None:
     return mode()  # refuses (UserError) where only unsafe execution is possible and not opted in
 
 
-def check_exact(exact: str, chosen: Sequence[ModelSpec], loaded: Sequence[Task]) -> None:
+def check_exact(exact: str, chosen: Sequence[ModelSpec], loaded: Sequence[Task], cfg: EngineConfig) -> None:
     """Refuse `--exact` (on) where some task or backend cannot be computed exactly, by one line
     naming the first reason; `--exact=auto` samples those with PassUntil instead."""
     from passuntil.reference import EXACT_MODES, exact_refusal
@@ -54,22 +54,31 @@ def check_exact(exact: str, chosen: Sequence[ModelSpec], loaded: Sequence[Task])
         return
     for m in chosen:
         for task in loaded:
-            why = exact_refusal(task, m.backend)
+            why = exact_refusal(task, m.backend, cfg)
             if why:
                 raise UserError(f"--exact: {why}; use --exact=auto to sample it with PassUntil instead")
 
 
 def build_spec(*, series: str | None, models: Sequence[str], tasks: Sequence[str],
                engine: Mapping, limit: int | None = None, reference_scores: bool = True,
-               exact: str = "off") -> RunSpec:
-    """A new run's specification, every part checked; nothing is written."""
+               exact: str = "off", design: Mapping | None = None) -> RunSpec:
+    """A new run's specification, every part checked; nothing is written. `design`: the
+    options of `--design` (`sequential.DESIGN_OPTIONS`, and "design": "forecast" for a
+    sequential design run; None or "passuntil": PassUntil's K-stop)."""
+    from passuntil.sequential import check_design_options
+
     if not tasks:
         raise UserError("name at least one task (--task NAME); `passuntil tasks` lists them")
+    design = dict(design or {})
+    check_design_options(design.get("design"), design, engine, exact)
     cfg = EngineConfig(**{k: v for k, v in engine.items() if v is not None})
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise UserError(f"--limit must be >= 1 (got {limit!r})")
     series = series or default_series(tasks)
     chosen = load_series(series).select(models)
+    settings = None
+    if design.get("design") == "forecast":
+        chosen, settings, cfg = _design_part(series, models, chosen, design, engine)
     if builtin_series(series) is None:  # a series file: recorded by its absolute path
         series = str(Path(series).resolve())
     refs, loaded = [], []
@@ -82,25 +91,43 @@ def build_spec(*, series: str | None, models: Sequence[str], tasks: Sequence[str
     clash = next((n for n in names if names.count(n) > 1), None)
     if clash:
         raise UserError(f"two of the tasks are named {clash!r}: a run stores results by task name")
-    check_exact(exact, chosen, loaded)
+    check_exact(exact, chosen, loaded, cfg)
     return RunSpec(tuple(refs), series, tuple(chosen), cfg, sampler_fingerprints(chosen), limit,
-                   reference_scores, isolation_mode(loaded), exact)
+                   reference_scores, isolation_mode(loaded), exact,
+                   design=None if settings is None else settings.to_dict())
+
+
+def _design_part(series: str, models: Sequence[str], chosen: Sequence[ModelSpec], design: Mapping,
+                 engine: Mapping):
+    """For `--design forecast`: the models to sample (without a target model), the checked
+    `DesignSettings` and the engine settings (no K-stop: K = the per-cell cap)."""
+    from passuntil.sequential import design_engine, resolve_settings
+
+    target = design.get("target_model")
+    if target is not None and models and target in models:
+        raise UserError(f"--target-model {target!r} is the forecast's target and is not sampled: "
+                        "leave it out of --model")
+    sampled = tuple(m for m in chosen if m.name != target)
+    settings = resolve_settings(design, series_models=load_series(series).models, sampled=sampled)
+    return sampled, settings, EngineConfig(**design_engine(engine, settings))
 
 
 def prepare_run(store: Store, run_id: str, *, resume: bool, series: str | None = None,
                 models: Sequence[str] = (), tasks: Sequence[str] = (),
                 engine_overrides: Mapping | None = None, limit: int | None = None,
                 reference_scores: bool = True, spec: RunSpec | None = None,
-                exact: str = "off") -> RunSpec:
+                exact: str = "off", design: Mapping | None = None) -> RunSpec:
     """The run's specification: read from the store and checked when resuming, else built
     (or `spec` as given) and recorded."""
     engine_overrides = dict(engine_overrides or {})
     if resume:
-        return _resumable(store, run_id, series=series, models=models, tasks=tasks,
+        spec = _resumable(store, run_id, series=series, models=models, tasks=tasks,
                           engine=engine_overrides, limit=limit, reference_scores=reference_scores,
                           exact=exact)
+        _check_design_unchanged(run_id, spec, design)
+        return spec
     spec = spec or build_spec(series=series, models=models, tasks=tasks, engine=engine_overrides,
-                              limit=limit, reference_scores=reference_scores, exact=exact)
+                              limit=limit, reference_scores=reference_scores, exact=exact, design=design)
     if store.run_exists(run_id):
         if not _is_empty(store, run_id):
             raise UserError(f"run {run_id!r} already exists in {store.path}; pass --resume to "
@@ -108,12 +135,47 @@ def prepare_run(store: Store, run_id: str, *, resume: bool, series: str | None =
         store.delete_run(run_id)  # recorded, but it never sampled: it must not block a rerun
     store.create_run(run_id, spec.to_dict(), [m.to_dict() for m in spec.models])
     _note_exact(store, run_id, spec)
+    _note_design(store, run_id, spec)
     return spec
+
+
+def _note_design(store: Store, run_id: str, spec: RunSpec) -> None:
+    """Record a design run's settings as a note (`passuntil show`), and where its target is not
+    beyond the sampled sizes (then the forecast interpolates)."""
+    from passuntil.sequential import DesignSettings
+
+    if spec.design is None:
+        return
+    settings = DesignSettings.from_dict(spec.design)
+    largest = max(m.n_params for m in spec.models)
+    where = "" if settings.target_n > largest else (
+        f" (the target is not beyond the largest sampled size {largest:.3g}: an interpolation, not a forecast)")
+    add_note(store, run_id, model="*", stage="design", text=settings.describe() + where)
+
+
+def _check_design_unchanged(run_id: str, spec: RunSpec, design: Mapping | None) -> None:
+    """`--resume` continues a design run as it was started: refuse other design options."""
+    from passuntil.sequential import DESIGN_OPTIONS
+
+    design = dict(design or {})
+    kind = "forecast" if spec.design is not None else "passuntil"
+    asked = design.get("design") or ("forecast" if any(design.get(k) is not None for k in DESIGN_OPTIONS)
+                                     else kind)
+    if asked != kind:
+        raise UserError(f"run {run_id!r} was made with --design {kind}, not {asked}; "
+                        "--resume continues a run exactly as it was started")
+    stored = dict(spec.design or {})
+    stored["target_width"], stored["round_size"] = stored.get("halfwidth"), stored.get("first_round")
+    stored["width_stop_after"] = stored.get("width_stop_after") or None
+    for key in DESIGN_OPTIONS:
+        if design.get(key) is not None and design[key] != stored.get(key):
+            raise UserError(f"run {run_id!r} was made with --{key.replace('_', '-')} {stored.get(key)!r}, not "
+                            f"{design[key]!r}; --resume continues a run exactly as it was started")
 
 
 def _note_exact(store: Store, run_id: str, spec: RunSpec) -> None:
     """Record, per model computed exactly, what its exact probabilities are (docs/statistics.md)."""
-    from passuntil.reference import EXACT_BACKENDS, exact_tasks
+    from passuntil.reference import EXACT_BACKENDS, exact_tasks, fallback_notes
 
     tasks = spec.load_tasks() if spec.exact != "off" else []
     by_model = {m.name: [t.name for t in exact_tasks(spec, m.backend, tasks)] for m in spec.models}
@@ -124,6 +186,8 @@ def _note_exact(store: Store, run_id: str, spec: RunSpec) -> None:
             f"exact pass probabilities for {', '.join(names)}, no samples ({'; '.join(kinds)}): "
             "the probability that one sample is exactly a reference, a lower bound where the "
             "check also accepts a reference with other surrounding whitespace"))
+    for model, text in fallback_notes(spec, tasks):
+        add_note(store, run_id, model=model, stage="exact", text=text)
 
 
 resolve_config = prepare_run  # the name of earlier versions
@@ -213,29 +277,44 @@ def run_with_progress(store: Store, run_id: str, spec: RunSpec | dict, *, consol
     from passuntil.progress import RichProgress
 
     spec = _as_spec(spec)
+    if spec.design is not None:
+        return _run_design(store, run_id, spec, console=console, ray=ray, ray_workers=ray_workers)
     runner = RayRunner(ray, ray_workers) if ray else LocalRunner()
     with RichProgress(total_instances(spec), max_samples=spec.engine.max_samples,
                       console=console) as progress:
         return runner.run(store, run_id, spec, progress=progress)
 
 
+def _run_design(store: Store, run_id: str, spec: RunSpec, *, console=None, ray: str | None = None,
+                ray_workers: int | None = None) -> RunOutcome:
+    """A `--design forecast` run (its cells sampled here, or on Ray), with samples spent of the
+    budget as progress."""
+    from passuntil.design_runner import DesignProgress, DesignRunner
+
+    budget = spec.design.get("total_budget")
+    spent = sum(c.samples for m in spec.models for c in store.counts(run_id, m.name).values())
+    with DesignProgress(budget and budget * len(spec.tasks), spent=spent, console=console) as progress:
+        return DesignRunner(ray, ray_workers).run(store, run_id, spec, progress=progress)
+
+
 def start_eval(store_path: str, run_id: str, *, resume: bool, series: str | None,
                models: Sequence[str], tasks: Sequence[str], engine: Mapping,
                limit: int | None = None, reference_scores: bool = True,
                ray: str | None = None, ray_workers: int | None = None, console=None,
-               exact: str = "off") -> RunOutcome:
+               exact: str = "off", design: Mapping | None = None) -> RunOutcome:
     """`passuntil eval`: check the request, record (or reopen) the run, run it to the end."""
     if ray_workers is not None and ray_workers < 1:
         raise UserError(f"--ray-workers must be >= 1 (got {ray_workers})")
     spec = None if resume else build_spec(series=series, models=models, tasks=tasks,
                                           engine=engine, limit=limit,
-                                          reference_scores=reference_scores, exact=exact)
+                                          reference_scores=reference_scores, exact=exact,
+                                          design=design)
     if not resume:
         Path(store_path).parent.mkdir(parents=True, exist_ok=True)
     store = Store(store_path, create=not resume)
     spec = prepare_run(store, run_id, resume=resume, series=series, models=models, tasks=tasks,
                        engine_overrides=engine, limit=limit, reference_scores=reference_scores,
-                       spec=spec, exact=exact)
+                       spec=spec, exact=exact, design=design)
     return run_with_progress(store, run_id, spec, console=console, ray=ray, ray_workers=ray_workers)
 
 

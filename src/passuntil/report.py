@@ -44,7 +44,7 @@ class ReportData:
     references: dict = field(default_factory=dict)
     runs: list[dict] = field(default_factory=list)  # store.run_info of each run
     # per exact-match task: did a warning fire before the target, PassUntil vs exact probabilities
-    # (`analysis.warning_comparison`); empty: no such comparison was made
+    # (`warning_table.warning_comparison`); empty: no such comparison was made
     warnings_before_target: list[dict] = field(default_factory=list)
 
 
@@ -119,7 +119,10 @@ def _table(rows: list[dict], caption: str = "") -> str:
 
 def _settings(info: dict) -> dict:
     cfg, eng = info["config"], info["config"].get("engine", {})
-    return {"K (passes to stop at)": eng.get("k_target"), "budget (max samples per instance)": eng.get("max_samples"),
+    design = cfg.get("design")
+    k_stop = eng.get("k_target") if not design else (  # a design run records K = the cap: no K-stop
+        f"off (sequential design toward N = {design.get('target_n', float('nan')):.3g})")
+    return {"K (passes to stop at)": k_stop, "budget (max samples per instance)": eng.get("max_samples"),
             "seed": eng.get("seed"), "temperature": eng.get("temperature"), "top-p": eng.get("top_p"),
             "top-k": eng.get("top_k") or "off", "max new tokens": eng.get("max_tokens") or "the task's",
             "distinct completions stored per instance": eng.get("completions_cap"), "series": cfg.get("series"),
@@ -233,7 +236,8 @@ def _task_class(g: pd.DataFrame, k_target: int):
 WARNING_CAPTION = (
     "warning before {target}: whether the accelerated-emergence warning fired from the sizes below {target} "
     "alone, before it was evaluated: from PassUntil's counts at the budget of {budget:,} samples per instance "
-    "(the pre-registered forecast's warnings) and from the exact pass probabilities of the same sizes (infinite "
+    "(the warnings of its forecast of {target} from those sizes: the pre-registered file's where there is one) "
+    "and from the exact pass probabilities of the same sizes (infinite "
     "resolution: one forward pass per instance, no sampling noise; the curvature z is classify_exact's). "
     "Each side's other warning codes are listed beside it; 'exact forecast' is the exact-ls law's mean p at "
     "{target}, 'exact p at {target}' the truth it is scored against.")

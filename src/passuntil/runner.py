@@ -29,6 +29,7 @@ class RunOutcome:
     samples: int
     notes: tuple[str, ...] = ()
     exact: int = 0  # (model, instance) pairs whose exact pass probability is the data, unsampled
+    mode: str = "passuntil"  # the run's design: "passuntil" (K-stop) or "forecast" (sequential)
 
 
 class Runner(Protocol):

@@ -3,10 +3,11 @@
 A `RunSpec` names the tasks (each with the name its results are stored under, where it was
 loaded from — a registry name or a task file's absolute path — and its fingerprint), the model
 series and models, the engine settings, each model's sampler fingerprint, and the options
-(`limit`, reference scores on or off, the code-execution isolation). It is written into the
-store when the run starts (`to_dict` is a superset of the configuration dicts older versions
-wrote, which `from_dict` still reads), so `--resume`, `report`, `metrics` and the rest rebuild
-the run's tasks from the run itself, never from a bare name.
+(`limit`, reference scores on or off, the code-execution isolation, and for `--design forecast`
+the sequential design's settings). It is written into the store when the run starts (`to_dict`
+is a superset of the configuration dicts older versions wrote, which `from_dict` still reads),
+so `--resume`, `report`, `metrics` and the rest rebuild the run's tasks from the run itself,
+never from a bare name.
 
 Notes recorded while a run goes (e.g. "this backend cannot score references") are kept beside
 the specification (`add_note`, `run_notes`), not in it: the specification never changes.
@@ -63,6 +64,7 @@ class RunSpec:
     reference_scores: bool = True
     isolation: str | None = None  # how code-execution checks were isolated (None: no such task)
     exact: str = "off"  # "off" | "on" | "auto": exact pass probabilities instead of samples
+    design: Mapping[str, Any] | None = None  # `sequential.DesignSettings` of a --design forecast run
 
     def load_tasks(self) -> list[Task]:
         """The run's tasks, loaded from their recorded sources (in the run's order)."""
@@ -85,7 +87,8 @@ class RunSpec:
                 "series": self.series, "models": [m.to_dict() for m in self.models],
                 "samplers": {k: dict(v) for k, v in self.samplers.items()},
                 "limit": self.limit, "reference_scores": self.reference_scores,
-                "isolation": self.isolation, "exact": self.exact}
+                "isolation": self.isolation, "exact": self.exact,
+                **({"design": dict(self.design)} if self.design is not None else {})}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
@@ -102,7 +105,7 @@ class RunSpec:
             return cls(tasks, d.get("series", ""), models, EngineConfig.from_dict(d["engine"]),
                        dict(d.get("samplers", {})), d.get("limit"),
                        bool(d.get("reference_scores", True)), d.get("isolation"),
-                       str(d.get("exact", "off")))
+                       str(d.get("exact", "off")), d.get("design"))
         except (KeyError, TypeError, AttributeError) as err:
             raise UserError(f"the stored run configuration is not readable ({err!r})") from None
 

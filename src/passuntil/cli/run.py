@@ -36,15 +36,32 @@ from passuntil.errors import UserError
               help="Skip the reference answers' test loss and exact pass probability.")
 @click.option("--exact", "exact", type=click.Choice(["on", "auto"]), is_flag=False, flag_value="on",
               default=None, help="Store each instance's exact pass probability instead of sampling "
-              "(exact-match tasks, torch/transformers/simulated backends); --exact=auto samples the rest.")
+              "(exact-match tasks; vllm/openai only at temperature 1, no top-k/top-p); --exact=auto samples the rest.")
 @click.option("--unsafe-local-execution", is_flag=True,
               help="Run code checks without the sandbox's isolation where it is unavailable (recorded).")
 @click.option("--ray", "ray_address", default=None,
               help="Shard the work over Ray actors: a cluster address, or 'local'.")
 @click.option("--ray-workers", type=int, default=None, help="Ray actors [one per CPU].")
+@click.option("--design", "design", type=click.Choice(["passuntil", "forecast"]), default=None,
+              help="passuntil: sample each instance until K passes [default]; forecast: sequential "
+              "sampling toward the forecast at --target-n/--target-model (docs/sequential.md).")
+@click.option("--target-n", type=float, default=None, help="--design forecast: the size to forecast.")
+@click.option("--target-model", default=None,
+              help="--design forecast: a model of the series to forecast (its N; it is not sampled).")
+@click.option("--total-budget", type=float, default=None,
+              help="--design forecast: samples per task over all rounds (e.g. 2e6).")
+@click.option("--target-width", type=float, default=None,
+              help="--design forecast: stop once the 90%% interval of log(mean PU) is within ± this (0.25: ±25%%).")
+@click.option("--round-size", type=float, default=None,
+              help="--design forecast: samples of the first round per task [budget/10, at most 20000].")
+@click.option("--width-stop-after", type=float, default=None,
+              help="--design forecast: no width stop before this many samples per task (a guard: early "
+              "width stops under-cover in the emergent regime, docs/statistics.md).")
 def eval_cmd(tasks, series, models, store_path, run_id, resume, limit, no_reference_scores, exact,
-             unsafe_local_execution, ray_address, ray_workers, **engine):
-    """Run PassUntil for tasks x models into a run store."""
+             unsafe_local_execution, ray_address, ray_workers, design, target_n, target_model,
+             total_budget, target_width, round_size, width_stop_after, **engine):
+    """Run PassUntil for tasks x models into a run store (or, with --design forecast, sample
+    round by round where the target forecast gains most)."""
     from passuntil.evaluate import start_eval
     from passuntil.execution import UNSAFE_ENV
 
@@ -54,15 +71,21 @@ def eval_cmd(tasks, series, models, store_path, run_id, resume, limit, no_refere
         outcome = start_eval(store_path, run_id, resume=resume, series=series, models=models,
                              tasks=tasks, engine=engine, limit=limit,
                              reference_scores=not no_reference_scores, ray=ray_address,
-                             ray_workers=ray_workers, exact=exact or "off")
+                             ray_workers=ray_workers, exact=exact or "off",
+                             design={"design": design, "target_n": target_n, "target_model": target_model,
+                                     "total_budget": total_budget, "target_width": target_width,
+                                     "round_size": round_size, "width_stop_after": width_stop_after})
     except KeyboardInterrupt:
         if not resume and not _recorded(store_path, run_id):
             raise click.exceptions.Abort() from None  # nothing to continue: the same command again
         raise Interrupted(shlex.join(["passuntil", "eval", "--store", store_path, "--run", run_id,
                                       "--resume"])) from None
     done = sum(r.stopped == "k_passes" for r in outcome.results)
+    sampled = sum(r.samples > 0 for r in outcome.results)
     click.echo(f"run {run_id} in {store_path}: {len(outcome.results)} instance results, "
-               f"{done} reached K passes, {outcome.samples:,} samples drawn this session"
+               + (f"{sampled} sampled by the design (no K-stop), {sum(r.samples for r in outcome.results):,} "
+                  "samples in all, " if outcome.mode == "forecast" else f"{done} reached K passes, ")
+               + f"{outcome.samples:,} samples drawn this session"
                + (f", {outcome.exact} exact pass probabilities" if outcome.exact else ""))
     for note in outcome.notes:
         click.echo(f"note: {note}")

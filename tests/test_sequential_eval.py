@@ -1,0 +1,292 @@
+"""`passuntil eval --design forecast`: sequential sampling toward a forecast, through the CLI.
+
+On the simulated series (known truth, fast) and the bundled tiny series: the design gives cells
+unequal quotas (most to the informative sizes), stops at the budget or at the target width, a
+killed run resumed ends with the counts of an uninterrupted one, the analysis reads the counts
+as plain binomial data, and bad inputs are one line.
+"""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from passuntil.store import Store
+from tests.conftest import run_cli
+
+SIM = ("--task", "sim-scaling", "--design", "forecast", "--target-model", "2.4B")
+
+
+def _design(capsys, store, run, *extra):
+    return run_cli(capsys, "eval", *SIM, "--store", str(store), "--run", run, *extra)
+
+
+def _table(store, run):
+    df = Store(store, create=False).results(run)
+    return df[["model", "task", "instance_id", "samples", "passes", "pass_indices", "overshoot", "stopped"]]
+
+
+def _log(store, run):
+    config = Store(store, create=False).run_config(run)
+    return config.get("design_rounds", []), config.get("design_results", {}), config
+
+
+def test_run_quotas_counts_every_sample_and_sample_j_is_draw_j(toy_task, toy_sampler):
+    """The engine's door for the design: each instance is drawn to its target with no K-stop
+    (passes beyond K = 1 count, nothing is overshoot), whatever the batch size; drawing in two
+    steps (a round, then a later one) gives the counts of one step to the final target; the cap
+    holds ("budget"), a met quota is "design"."""
+    from passuntil.engine import EngineConfig, new_states, run_quotas
+
+    final = {("toy", x.id): 300 + 50 * j for j, x in enumerate(toy_task.instances)}
+    half = {k: v // 2 for k, v in final.items()}
+
+    def draw(steps, batch):
+        cfg = EngineConfig(k_target=1, max_samples=600, batch_size=batch, seed=4)
+        states = new_states([toy_task], model="m", seed=4)
+        for targets in steps:
+            run_quotas(toy_sampler, [toy_task], cfg, model="m", states=states, targets=targets)
+        return [(st.samples, st.passes, tuple(st.pass_indices), st.overshoot, st.stopped) for st in states]
+
+    once = draw([final], 1024)
+    assert once == draw([half, final], 7) == draw([half, final], 1024)
+    assert [c[0] for c in once] == [min(v, 600) for v in final.values()]
+    assert once[0][1] > 100 and all(c[3] == 0 for c in once)  # p = 0.5: ~150 passes, all counted
+    assert [c[4] for c in once] == ["design"] * 6 + ["budget"] * 2  # the last two reach the cap
+    p = np.array([0.5, 0.2, 0.05, 0.01])
+    k = np.array([c[1] for c in once[:4]])
+    n = np.array([c[0] for c in once[:4]])
+    assert np.all(np.abs(k - n * p) < 4 * np.sqrt(n * p * (1 - p)))
+
+
+def test_design_spends_unequal_quotas_on_informative_cells_and_stops_at_the_budget(tmp_path, capsys, monkeypatch):
+    """Budget 30,000 in rounds from 3,000: exactly the budget is spent, the target model is never
+    sampled, the pilot is even and later rounds give most samples to the largest fitted sizes
+    (information per sample ~ p log(p)^2), each model's sampler opens once for all rounds, and the
+    run records K = the cap (K-stop off), every round's decision and its outcome."""
+    import passuntil.design_runner as dr
+
+    opened = []
+    real_open = dr.open_sampler
+    monkeypatch.setattr(dr, "open_sampler", lambda spec, tasks: opened.append(spec.name) or real_open(spec, tasks))
+    store = tmp_path / "d.sqlite"
+    code, out, err = _design(capsys, store, "d", "--total-budget", "3e4", "--round-size", "3000")
+    assert code == 0, err
+    assert "120 instance results" in out and "30,000 samples in all" in out and "stopped by budget" in out
+    assert "of the budget" in err  # the progress line: samples spent of the budget, ETA
+    df = _table(store, "d")
+    assert df["samples"].sum() == 30_000 and "2.4B" not in set(df["model"])
+    assert set(df["stopped"]) == {"design"}
+    by_model = df.groupby("model")["samples"].sum()
+    assert by_model["1.5B"] > 15_000 and by_model["0.03B"] < 1_500  # the pilot gave each size 500
+    assert df["samples"].max() > 10 * df["samples"].min()  # unequal quotas per cell
+    rounds, results, config = _log(store, "d")
+    assert [r["round"] for r in rounds] == list(range(1, len(rounds) + 1)) and len(rounds) >= 4
+    assert rounds[0]["samples"] == 3000 and rounds[0]["cells"] == 120  # the pilot: every cell
+    assert sum(r["samples"] for r in rounds) == 30_000
+    assert results["sim-scaling"]["reason"] == "budget" and results["sim-scaling"]["spent"] == 30_000
+    assert config["engine"]["k_target"] == config["engine"]["max_samples"] == 30_000
+    assert config["design"]["target_model"] == "2.4B" and config["design"]["target_n"] == 2.45e9
+    assert sorted(opened) == sorted(set(opened)) and len(opened) == 6  # one load per model, all rounds
+    code, out, _ = run_cli(capsys, "show", str(store), "--run", "d")
+    assert code == 0 and "round 2 of sim-scaling" in out and "K-stop off" in out
+
+
+def test_design_stops_at_the_target_width_before_the_budget(tmp_path, capsys):
+    store = tmp_path / "w.sqlite"
+    code, out, err = _design(capsys, store, "w", "--total-budget", "1e6", "--round-size", "4000",
+                             "--target-width", "0.05")
+    assert code == 0, err
+    _, results, _ = _log(store, "w")
+    res = results["sim-scaling"]
+    assert res["reason"] == "halfwidth" and res["interval"]["log_halfwidth"] <= 0.05
+    assert res["spent"] < 100_000 and _table(store, "w")["samples"].sum() == res["spent"]
+    assert "stopped by halfwidth" in out
+
+
+def test_no_width_stop_before_the_guard(tmp_path, capsys):
+    """The same width as above, but --width-stop-after 60000: the design goes on past the round
+    where it stopped before, and stops by width only once that many samples are spent."""
+    store = tmp_path / "g.sqlite"
+    code, out, err = _design(capsys, store, "g", "--total-budget", "1e6", "--round-size", "4000",
+                             "--target-width", "0.05", "--width-stop-after", "6e4")
+    assert code == 0, err
+    _, results, _ = _log(store, "g")
+    res = results["sim-scaling"]
+    assert res["reason"] == "halfwidth" and res["spent"] >= 60_000
+    assert "no width stop before 60,000 samples" in run_cli(capsys, "show", str(store), "--run", "g")[1]
+
+
+def test_each_task_has_its_own_design_and_budget(tmp_path, capsys):
+    """Two tasks in one run: one design each, sharing the rounds; each spends its own budget."""
+    store = tmp_path / "two.sqlite"
+    code, out, err = run_cli(capsys, "eval", "--task", "sim-scaling", "--task", "sim-accelerated", "--design",
+                             "forecast", "--target-model", "2.4B", "--total-budget", "6000", "--round-size", "2000",
+                             "--store", str(store), "--run", "two")
+    assert code == 0, err
+    spent = _table(store, "two").groupby("task")["samples"].sum().to_dict()
+    assert spent == {"sim-scaling": 6000, "sim-accelerated": 6000}
+    rounds, results, _ = _log(store, "two")
+    assert {r["task"] for r in rounds if r["round"] == 1} == {"sim-scaling", "sim-accelerated"}
+    assert set(results) == {"sim-scaling", "sim-accelerated"} and out.count("stopped by budget") == 2
+
+
+def _kill(real, n, *, after=False):
+    """`real`, raising KeyboardInterrupt (a kill) at its n-th call: before it runs, or after."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n and not after:
+            raise KeyboardInterrupt
+        out = real(*args, **kwargs)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return out
+    return wrapped
+
+
+@pytest.mark.parametrize("where", ["mid-round commit", "after a decision is recorded"])
+def test_a_killed_design_run_resumes_to_the_counts_of_an_uninterrupted_run(tmp_path, capsys, monkeypatch, where):
+    """Killed inside a round (between two engine batches of it) or right after a round's decision
+    was recorded and before it was sampled: `--resume` ends with exactly the counts, pass indices
+    and recorded decisions of a run that was never interrupted."""
+    import passuntil.design_runner as dr
+
+    args = ("--total-budget", "1.2e4", "--round-size", "4000", "--batch-size", "256", "--seed", "3")
+    store = tmp_path / "r.sqlite"
+    code, _, err = _design(capsys, store, "whole", *args)
+    assert code == 0, err
+    if where == "mid-round commit":
+        monkeypatch.setattr(Store, "commit_round", _kill(Store.commit_round, 25))
+    else:
+        monkeypatch.setattr(dr, "append_rounds", _kill(dr.append_rounds, 3, after=True))
+    code, _, err = _design(capsys, store, "cut", *args)
+    assert code == 130 and "--resume" in err
+    monkeypatch.undo()
+    cut = _table(store, "cut")
+    assert 0 < cut["samples"].sum() < 12_000
+    have = {(r.model, r.instance_id): r.samples for r in cut.itertuples()}
+    rounds = _log(store, "cut")[0]
+    last = [e for e in rounds if e["round"] == rounds[-1]["round"]]
+    assert any(have.get((m, iid), 0) < n for e in last for m, t in e["targets"].items() for iid, n in t.items())
+    code, _, err = run_cli(capsys, "eval", "--store", str(store), "--run", "cut", "--resume")
+    assert code == 0, err
+    whole, resumed = _table(store, "whole"), _table(store, "cut")
+    pd.testing.assert_frame_equal(whole.reset_index(drop=True), resumed.reset_index(drop=True))
+    assert _log(store, "whole")[:2] == _log(store, "cut")[:2]
+
+
+def test_analysis_reads_a_design_run_as_binomial_counts(tmp_path, capsys):
+    """No K-stop: the run's K is its per-cell cap, so every estimator is the binomial one (the
+    'unbiased' PU is k/n, the interval Clopper-Pearson); `forecast` on the run gives the design's
+    own final forecast (the same pooled likelihood fit of the same counts)."""
+    from scipy import stats as sps
+
+    store = tmp_path / "a.sqlite"
+    code, _, err = _design(capsys, store, "a", "--total-budget", "2e4", "--round-size", "2000")
+    assert code == 0, err
+    out_csv = tmp_path / "a.csv"
+    assert run_cli(capsys, "export", str(store), "--run", "a", "--out", str(out_csv))[0] == 0
+    df = pd.read_csv(out_csv)
+    k, n = df["passes"].to_numpy(), df["samples"].to_numpy()
+    assert (k > 1).any()  # some cells passed more than once: a K = 1 reading would be wrong
+    np.testing.assert_allclose(df["pu_unbiased"], k / n)
+    cp_low = np.where(k > 0, sps.beta.ppf(0.025, np.maximum(k, 1), n - k + 1), 0.0)
+    np.testing.assert_allclose(df["ci_low"], cp_low, rtol=1e-9)
+    code, out, err = run_cli(capsys, "forecast", str(store), "--run", "a", "--task", "sim-scaling",
+                             "--target-n", "2.45e9", "--out", str(tmp_path / "f.json"))
+    assert code == 0, err
+    record = json.loads((tmp_path / "f.json").read_text())
+    stored = df.pivot_table(index="instance_id", columns="n_params", values="samples")
+    assert record["data"]["samples"] == stored.to_numpy().astype(int).tolist()  # unequal n per cell, as stored
+    design_point = _log(store, "a")[1]["sim-scaling"]["interval"]["point"]
+    assert record["forecast"]["point"] == pytest.approx(design_point, rel=0.02)
+    code, _, err = run_cli(capsys, "report", str(store), "--run", "a", "--out", str(tmp_path / "rep"))
+    assert code == 0, err
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "off (sequential design toward N = 2.45e+09)" in page  # not the cap shown as K
+
+
+@pytest.mark.slow
+def test_a_design_run_on_ray_has_the_counts_of_a_local_run(tmp_path, capsys):
+    """`--ray local`: the driver decides the rounds, actors sample the cells (shards of 8), the
+    counts, pass indices and decisions equal the local run's."""
+    ray = pytest.importorskip("ray")
+    args = ("--total-budget", "1e4", "--round-size", "2000", "--seed", "5")
+    store = tmp_path / "ray.sqlite"
+    assert _design(capsys, store, "local", *args)[0] == 0
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        code, _, err = _design(capsys, store, "ray", *args, "--ray", "local", "--ray-workers", "2")
+    finally:
+        ray.shutdown()
+    assert code == 0, err
+    pd.testing.assert_frame_equal(_table(store, "local").reset_index(drop=True),
+                                  _table(store, "ray").reset_index(drop=True))
+    assert _log(store, "local")[:2] == _log(store, "ray")[:2]
+
+
+@pytest.mark.slow
+def test_the_bundled_tiny_series_runs_a_design_toward_tiny_7(tmp_path, capsys, monkeypatch):
+    """The real sampler (the bundled series): two sampled sizes, tiny-7 the unsampled target, a
+    tiny budget spent exactly, each sampler loaded once and kept over every round (a small series)."""
+    import passuntil.design_runner as dr
+
+    opened = []
+    real_open = dr.open_sampler
+    monkeypatch.setattr(dr, "open_sampler", lambda spec, tasks: opened.append(spec.name) or real_open(spec, tasks))
+    store = tmp_path / "t.sqlite"
+    code, out, err = run_cli(capsys, "eval", "--task", "arith", "--design", "forecast", "--target-model", "tiny-7",
+                             "--model", "tiny-5", "--model", "tiny-6", "--limit", "3", "--total-budget", "1500",
+                             "--round-size", "250", "--store", str(store), "--run", "t", "--no-reference-scores")
+    assert code == 0, err
+    df = _table(store, "t")
+    assert df["samples"].sum() == 1500 and set(df["model"]) == {"tiny-5", "tiny-6"}
+    rounds, results, _ = _log(store, "t")
+    assert results["arith"]["reason"] == "budget" and len(rounds) >= 4
+    assert opened == ["tiny-5", "tiny-6"]
+    assert df["samples"].max() > 1.5 * df["samples"].min()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), "needs a target: --target-n SIZE or --target-model NAME"),
+    (("--target-n", "1e9", "--target-model", "2.4B"), "needs a target"),
+    (("--target-model", "7B", "--total-budget", "100"), "--target-model '7B' is not in the series"),
+    (("--target-n", "-1", "--total-budget", "100"), "--target-n must be a positive number"),
+    (("--target-n", "1e9"), "needs --total-budget SAMPLES, --target-width HALFWIDTH, or both"),
+    (("--target-n", "1e9", "--total-budget", "0"), "--total-budget must be a whole number of samples >= 1"),
+    (("--target-n", "1e9", "--total-budget", "-5"), "--total-budget must be a whole number"),
+    (("--target-n", "1e9", "--total-budget", "10.5"), "--total-budget must be a whole number"),
+    (("--target-n", "1e9", "--target-width", "0"), "--target-width must be a positive half-width"),
+    (("--target-n", "1e9", "--target-width", "-0.1"), "--target-width must be a positive half-width"),
+    (("--target-n", "1e9", "--total-budget", "100", "--round-size", "0"), "--round-size must be a whole number"),
+    (("--target-n", "1e9", "--total-budget", "100", "--k", "2"), "--k does not apply to --design forecast"),
+    (("--target-n", "1e9", "--total-budget", "100", "--width-stop-after", "1e4"), "it needs --target-width"),
+    (("--target-n", "1e9", "--target-width", "0.1", "--width-stop-after", "-1"),
+     "--width-stop-after must be a whole number"),
+    (("--target-n", "1e9", "--total-budget", "100", "--exact"), "--exact does not combine with --design"),
+    (("--target-model", "2.4B", "--total-budget", "100", "--model", "0.03B", "--model", "2.4B"),
+     "is the forecast's target and is not sampled"),
+    (("--target-model", "2.4B", "--total-budget", "100", "--model", "0.03B"),
+     "needs at least two sampled model sizes to fit a slope"),
+])
+def test_bad_design_inputs_are_one_line(tmp_path, capsys, extra, message):
+    code, out, err = run_cli(capsys, "eval", "--task", "sim-scaling", "--design", "forecast",
+                             "--store", str(tmp_path / "b.sqlite"), *extra)
+    assert code == 2 and message in err and err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b.sqlite").exists() or not Store(tmp_path / "b.sqlite").runs()
+
+
+def test_design_options_need_the_design_and_resume_keeps_them(tmp_path, capsys):
+    store = tmp_path / "o.sqlite"
+    code, _, err = run_cli(capsys, "eval", "--task", "sim-scaling", "--target-n", "1e9", "--store", str(store))
+    assert code == 2 and "--target-n needs --design forecast" in err
+    assert _design(capsys, store, "o", "--total-budget", "2000", "--round-size", "1000")[0] == 0
+    code, _, err = run_cli(capsys, "eval", "--store", str(store), "--run", "o", "--resume", "--total-budget", "5000")
+    assert code == 2 and "was made with --total-budget 2000, not 5000.0" in err
+    plain = ("--task", "sim-scaling", "--model", "0.03B", "--max-samples", "20", "--store", str(store), "--run", "p")
+    assert run_cli(capsys, "eval", *plain)[0] == 0
+    code, _, err = run_cli(capsys, "eval", "--store", str(store), "--run", "p", "--resume", "--target-n", "1e9")
+    assert code == 2 and "was made with --design passuntil, not forecast" in err
