@@ -94,11 +94,13 @@ def _pass_at_k_table(forecasts: dict, target) -> Table:
     return table
 
 
-def _exact_tasks(tasks, models) -> list[str]:
+def _exact_tasks(tasks, models, engine: dict) -> list[str]:
     """The demo's tasks the exact mode computes on this series (exact-match checks)."""
+    from passuntil.engine import EngineConfig
     from passuntil.reference import exact_refusal
 
-    return [t for t in tasks if all(exact_refusal(get_task(t), m.backend) is None for m in models)]
+    cfg = EngineConfig(**engine)
+    return [t for t in tasks if all(exact_refusal(get_task(t), m.backend, cfg) is None for m in models)]
 
 
 def _warning_table(rows: list[dict], target) -> Table:
@@ -178,7 +180,7 @@ def run_demo(out_dir: Path, *, quick: bool = False, series: str = "tiny",
     # does a warning fire before the target from the exact probabilities of the smaller sizes?
     from passuntil.analysis import warning_comparison
 
-    exact_tasks = _exact_tasks(tasks, models)
+    exact_tasks = _exact_tasks(tasks, models, engine)
     warned = []
     if exact_tasks:
         _evaluate(store, f"exact-{runs}", series, [m.name for m in models], exact_tasks, engine, exact="on")

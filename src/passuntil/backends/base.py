@@ -102,3 +102,18 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """Cut text at the first stop sequence; (text, whether one was found)."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def exact_stop_endings(ref: str, stop: Sequence[str]) -> list[str] | None:
+    """For a sampler that ends a row the moment its text holds a stop sequence and then cuts the
+    text at the earliest stop (`truncate_at_stop`; the torch and transformers backends): the
+    stops s whose stream `ref + s` ends as a sample whose text is exactly `ref`, or None when
+    `ref` holds a stop (it is cut there: never a whole sample). `ref + s` counts when no stop
+    ends before its last character (the row would have ended earlier) and no longer stop is also
+    its suffix (the cut would fall inside `ref`). The streams are distinct, so their
+    probabilities add up."""
+    stops = [s for s in dict.fromkeys(stop) if s]
+    if any(s in ref for s in stops):
+        return None
+    return [s for s in stops if not any(o in (ref + s)[:-1] for o in stops)
+            and not any(len(o) > len(s) and (ref + s).endswith(o) for o in stops)]

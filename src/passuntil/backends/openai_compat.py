@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import sys
 import threading
@@ -53,6 +54,12 @@ RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 SERVERS = ("auto", "openai", "transformers")
 # statuses with which a server says it cannot do echo + logprobs (500: `transformers serve`)
 NO_SCORING_STATUS = {400, 404, 405, 422, 500, 501}
+# spellings of end-of-text tokens in `top_logprobs` (GPT-2/Qwen, Llama 2/Mistral, Llama 3, Gemma);
+# a series sets its model's own with `options.eos_tokens`
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+TOP_LOGPROBS = 20  # vLLM's default `max_logprobs`
+OPENAI_TOP_LOGPROBS = 5  # OpenAI's cap
+LOGPROB_SLACK = 1e-4  # a log-prob above 0 by more than rounding is no log-probability
 
 
 class ServerError(UserError):
@@ -73,7 +80,8 @@ class OpenAICompatSampler:
     def __init__(self, base_url: str, model: str, *, name: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8, retries: int = 5,
                  timeout_s: float = 120.0, backoff_s: float = 0.5, logprobs: bool = False,
-                 server: str = "auto", check_sampling: bool = True):
+                 server: str = "auto", check_sampling: bool = True,
+                 eos_tokens: str | Sequence[str] = EOS_TOKENS):
         if server not in SERVERS:
             raise UserError(f"openai backend: server must be one of {', '.join(SERVERS)}, "
                             f"not {server!r}")
@@ -88,6 +96,8 @@ class OpenAICompatSampler:
         self.logprobs = logprobs  # ask for token log-probs (-> Completion.cumulative_logprob)
         self.server = server
         self.check_sampling = check_sampling
+        self.eos_tokens = (eos_tokens,) if isinstance(eos_tokens, str) else tuple(eos_tokens)
+        self._top = TOP_LOGPROBS
         self.warnings: list[str] = []  # each sampling problem found, once (the run stores them)
         self.generation_config = server == "transformers"  # send `generation_config` to sample
         self._lock = threading.Lock()
@@ -234,31 +244,181 @@ class OpenAICompatSampler:
 
     # ---- scoring ----
 
+    def _echo(self, text: str, top: int = 0) -> dict:
+        """The server's `logprobs` record of `text` echoed (max_tokens 0), or, with `top` > 0, of
+        `text` and one token generated after it with the `top` most likely tokens at each position;
+        `ScoringUnavailable` where the server cannot echo log-probs."""
+        body = {"model": self.model, "prompt": text, "max_tokens": 1 if top else 0, "echo": True,
+                "logprobs": top}
+        if top:
+            body.update(temperature=1.0, top_p=1.0, seed=0)
+        try:
+            r = self._post("/completions", body, retries=min(self.retries, 1))
+        except ServerError as err:
+            if err.status not in NO_SCORING_STATUS:
+                raise
+            raise ScoringUnavailable(
+                f"model {self.name}: the server cannot score continuations (echo + logprobs "
+                f"with max_tokens {body['max_tokens']} gave HTTP {err.status}); reference scores "
+                "need a server that returns prompt log-probs, e.g. vLLM") from None
+        choices = r.get("choices") if isinstance(r, dict) else None
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        lp = choice.get("logprobs") if isinstance(choice, dict) else None
+        if not isinstance(lp, dict) or not all(isinstance(lp.get(k), list) and lp[k]
+                                               for k in ("text_offset", "token_logprobs", "tokens")):
+            raise ScoringUnavailable(
+                f"model {self.name}: the server returns no prompt log-probs (echo + "
+                "logprobs); reference scores need a server that does, e.g. vLLM")
+        if not len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]):
+            raise ScoringUnavailable(
+                f"model {self.name}: the server returns {len(lp['token_logprobs'])} log-probs for "
+                f"{len(lp['tokens'])} echoed tokens ({len(lp['text_offset'])} offsets); they cannot be matched")
+        if not all(isinstance(o, int) and not isinstance(o, bool) for o in lp["text_offset"]):
+            raise ScoringUnavailable(f"model {self.name}: the server returns text offsets that are not "
+                                     "whole numbers; its echoed tokens cannot be placed")
+        tops = [v for d in lp.get("top_logprobs") or () if isinstance(d, dict) for v in d.values()]
+        check_logprobs(self.name, [*lp["token_logprobs"], *tops])
+        return lp
+
     def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[TokenScores]:
         """Log-probs of each continuation via `echo` + `logprobs` (servers that support them);
         `ScoringUnavailable` when the server cannot (the run goes on without reference scores)."""
         out = []
         for prompt, cont in zip(prompts, continuations):
-            try:
-                r = self._post("/completions", {"model": self.model, "prompt": prompt + cont,
-                                                "max_tokens": 0, "echo": True, "logprobs": 0},
-                               retries=min(self.retries, 1))
-            except ServerError as err:
-                if err.status not in NO_SCORING_STATUS:
-                    raise
-                raise ScoringUnavailable(
-                    f"model {self.name}: the server cannot score continuations (echo + logprobs "
-                    f"with max_tokens 0 gave HTTP {err.status}); reference scores need a server "
-                    "that returns prompt log-probs, e.g. vLLM") from None
-            lp = ((r.get("choices") or [{}])[0].get("logprobs") or {})
-            offsets, values = lp.get("text_offset"), lp.get("token_logprobs")
-            if not offsets or not values:
-                raise ScoringUnavailable(
-                    f"model {self.name}: the server returns no prompt log-probs (echo + "
-                    "logprobs); reference scores need a server that does, e.g. vLLM")
-            out.append(TokenScores(tuple(v for o, v in zip(offsets, values)
+            lp = self._echo(prompt + cont)
+            out.append(TokenScores(tuple(v for o, v in zip(lp["text_offset"], lp["token_logprobs"])
                                          if o >= len(prompt) and v is not None)))
         return out
+
+    # ---- exact pass probabilities ----
+
+    exact_is_exact = False  # each reference in the server's own tokenization only (BPE: a lower bound)
+
+    def exact_pass_probability(self, prompt: str, references: Sequence[str], params: SamplingParams) -> float:
+        """P(one sample's text is exactly one of `references`), from the server's echo log-probs.
+
+        Only at temperature 1, top-p 1 and no top-k (else `UserError`): the server returns the
+        model's raw log-probs (vLLM: `logprobs_mode` "raw_logprobs", its default; at these settings
+        its processed log-probs are the same numbers), which are the sampling distribution only
+        there. Server behaviours relied on: `echo` with `logprobs` and `max_tokens` 0 returns each
+        prompt token's text, offset and log-prob (OpenAI's legacy completions format; vLLM does,
+        `transformers serve` and llama.cpp do not: `ScoringUnavailable`); with `max_tokens` 1 the
+        last entry is the generated token, whose `top_logprobs` show the next position's most
+        likely tokens; the server applies no defaults of its own (penalties, a generation config's
+        top-k) to sampling requests.
+
+        Per reference: P(its tokens, as the server tokenizes prompt + reference) × P(ending right
+        after: an end-of-text token in `top_logprobs` (spelled as one of `eos_tokens`), each stop
+        sequence as the server tokenizes prompt + reference + stop, or max_tokens reached). The
+        prompt's tokens must be the same alone and before the reference (`UserError` otherwise: a
+        token across their boundary). A lower bound: other token sequences spelling the same text
+        are not summed (BPE), nor a stop inside a token that spans the reference's end; an
+        end-of-text token outside the top log-probs counts as 0 (noted once in `warnings`). A
+        reference that holds a stop sequence has 0 (sampling cuts it there; `stop_endings`).
+        Log-probs that are no log-probabilities (NaN, above 0, fewer than the echoed tokens) are
+        `ScoringUnavailable` (`_echo`), never a stored number.
+        """
+        raw_settings_check("openai", self.name, params)
+        base = self._echo(prompt)["tokens"]
+        total = 0.0
+        for ref in dict.fromkeys(references):
+            stops = stop_endings(ref, params.stop)
+            if stops is None:  # sampling cuts the reference at a stop: never a sample's whole text
+                continue
+            tokens, values, after = _split_generated(self._echo_top(prompt + ref), prompt + ref)
+            if tokens[:len(base)] != base:
+                raise UserError(self._redact(
+                    f"--exact: model {self.name}: the server tokenizes the prompt differently before the "
+                    f"reference {ref!r} (a token spans their boundary), so its echo log-probs are not those "
+                    f"of sampling after the prompt; prompt ends {prompt[-20:]!r}"))
+            ref_values = values[len(base):]
+            if any(v is None for v in ref_values):
+                raise ScoringUnavailable(f"model {self.name}: the server returns no log-prob for some "
+                                         "echoed tokens")
+            if len(ref_values) > params.max_tokens:
+                continue
+            p_ref = math.exp(sum(ref_values))
+            if len(ref_values) == params.max_tokens:
+                total += p_ref
+                continue
+            p_end = self._eos_probability(after, ref)
+            for stop in stops:
+                echoed = self._echo(prompt + ref + stop)
+                if echoed["tokens"][:len(tokens)] != tokens:  # a token spans the reference's end
+                    self._warn("stop-boundary", f"a token spans the end of reference {ref!r} and stop "
+                                                f"{stop!r} (or others): that ending is not counted, so "
+                                                "exact pass probabilities are lower bounds")
+                    continue
+                stop_values = echoed["token_logprobs"][len(tokens):]
+                if len(ref_values) + len(stop_values) <= params.max_tokens:
+                    p_end += math.exp(sum(stop_values))
+            total += p_ref * p_end
+        return total
+
+    def _echo_top(self, text: str) -> dict:
+        """`_echo` with the top log-probs after `text`: `TOP_LOGPROBS`, or OpenAI's cap of 5 on a
+        server that refuses that many."""
+        for top in dict.fromkeys((self._top, OPENAI_TOP_LOGPROBS)):
+            try:
+                return self._echo(text, top)
+            except ScoringUnavailable:
+                if top == OPENAI_TOP_LOGPROBS:
+                    raise
+                self._top = OPENAI_TOP_LOGPROBS
+        raise AssertionError("unreachable")
+
+    def _eos_probability(self, top: dict, ref: str) -> float:
+        """P(an end-of-text token next), from the generated position's `top_logprobs` (0, noted,
+        where none of `eos_tokens` is among them)."""
+        seen = [v for tok, v in top.items() if tok in self.eos_tokens and v is not None]
+        if not seen:
+            self._warn("eos", f"no end-of-text token ({', '.join(self.eos_tokens)}) among the server's top "
+                              f"{len(top)} log-probs after reference {ref!r} (or others): its probability "
+                              "counts as 0 there, so exact pass probabilities are lower bounds")
+        return float(sum(math.exp(v) for v in seen))
+
+
+def _split_generated(lp: dict, text: str) -> tuple[list, list, dict]:
+    """(echoed tokens, their log-probs, the next position's top log-probs) of an `_echo` record of
+    `text` with one generated token: the entry at or past the end of `text` (none: {})."""
+    tokens, values, offsets = lp["tokens"], lp["token_logprobs"], lp["text_offset"]
+    if len(tokens) > 1 and offsets[-1] >= len(text):
+        return tokens[:-1], values[:-1], ((lp.get("top_logprobs") or [None])[-1] or {})
+    return tokens, values, {}
+
+
+def stop_endings(ref: str, stop: Sequence[str]) -> list[str] | None:
+    """The stop sequences whose text right after `ref` ends a sample that is exactly `ref`, or
+    None when `ref` holds a stop (sampling cuts it there: it is never a sample's whole text).
+
+    A stop counts only where it is the one stop in `ref` + it, found first at the end of `ref`:
+    where another stop also occurs there (one that starts it, or one across the reference's end),
+    which stop cuts the text depends on the server (the earliest, as `truncate_at_stop`; vLLM:
+    the first in the list), so that ending is left out: a lower bound either way."""
+    stops = [s for s in stop if s]
+    if any(s in ref for s in stops):
+        return None
+    return [s for s in dict.fromkeys(stops) if (ref + s).find(s) == len(ref)
+            and not any(o != s and o in ref + s for o in stops)]
+
+
+def check_logprobs(name: str, values: Sequence) -> None:
+    """`ScoringUnavailable` (one line) for a value that is no log-probability: NaN, above 0 (past
+    rounding), or not a number; None (the first prompt token's) and -inf pass."""
+    for v in values:
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v) or v > LOGPROB_SLACK:
+            raise ScoringUnavailable(f"model {name}: the server returns {v!r} as a token log-prob, which is no "
+                                     "log-probability (a number <= 0); its scores cannot be used")
+
+
+def raw_settings_check(backend: str, name: str, params: SamplingParams) -> None:
+    """Refuse sampling settings that raw log-probs cannot reproduce (the run checks this before
+    it starts: `passuntil.reference.exact_refusal`)."""
+    if params.temperature != 1 or params.top_p != 1 or params.top_k:
+        raise UserError(f"--exact: model {name}: the {backend} backend returns raw log-probs, the sampling "
+                        "distribution only at temperature 1, top-p 1 and no top-k")
 
 
 def _split_userinfo(url: str) -> tuple[str, str | None]:

@@ -258,7 +258,7 @@ register(Backend(
     "transformers", _transformers, path="folder-or-id", fingerprint=_transformers_fingerprint,
     description="any causal LM that transformers loads",
     options={"dtype": _DTYPES, "device": Option(str), "chunk": Option(int, _positive, "> 0"),
-             "cache_bytes": Option(int, _positive, "> 0")}))
+             "cache_bytes": Option(int, _positive, "> 0"), "share_prompt": Option(bool)}))
 register(Backend(
     "vllm", _vllm, path="folder-or-id", fingerprint=_vllm_fingerprint,
     description="vLLM's offline engine (GPU)",
@@ -276,4 +276,4 @@ register(Backend(
              "concurrency": Option(int, _positive, "> 0"), "retries": Option(int, _non_negative, ">= 0"),
              "timeout_s": Option(float, _positive, "> 0"), "backoff_s": Option(float, _non_negative, ">= 0"),
              "logprobs": Option(bool), "check_sampling": Option(bool),
-             "server": _one_of("auto", "openai", "transformers")}))
+             "server": _one_of("auto", "openai", "transformers"), "eos_tokens": Option((str, list))}))

@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from passuntil.backends import cpu_kernel
-from passuntil.backends.base import Completion, SamplingParams, TokenScores
+from passuntil.backends.base import (
+    Completion,
+    SamplingParams,
+    TokenScores,
+    exact_stop_endings,
+    truncate_at_stop,
+)
 from passuntil.errors import UserError
 from passuntil.models.checkpoint import load_checkpoint
 from passuntil.models.model import Transformer, rope_tables
@@ -300,8 +306,8 @@ class TorchSampler:
                 row = i * R + j
                 toks = tokens[row][: length[row]]  # all bytes: EOS ends a row and is not counted
                 text = bytes(toks).decode("utf-8", errors="replace")
-                if reason[row] == 2:
-                    text = next((text[: -len(st)] for st in stops if text.endswith(st)), text)
+                if reason[row] == 2:  # the stops all end here: the cut is at the earliest one
+                    text = truncate_at_stop(text, stops)[0]
                 out[r][s0 + j] = Completion(s0 + j, text, tuple(toks), "length" if reason[row] == 0 else "stop")
 
     def _use_kernel(self) -> bool:
@@ -418,15 +424,15 @@ class TorchSampler:
         """P(one sample's text is exactly one of `references`), under the sampler's own distribution.
 
         Sums, over references, the product of the sampling probabilities of its tokens and of
-        an ending right after it (EOS, a stop sequence, or max_tokens reached). Exact for this
+        an ending right after it (EOS, a stop sequence as `exact_stop_endings` counts them: none
+        for a reference that holds a stop, since sampling cuts it there, or max_tokens reached). Exact for this
         byte-level tokenizer; for an `Exact(strip=True)` check it is a lower bound (whitespace
         variants also pass).
         """
         total = 0.0
-        stops = [s for s in params.stop if s and not any(o != s and s.startswith(o) for o in params.stop if o)]
         for ref in dict.fromkeys(references):
-            ids = encode(ref)
-            if len(ids) > params.max_tokens:
+            ids, stops = encode(ref), exact_stop_endings(ref, params.stop)
+            if len(ids) > params.max_tokens or stops is None:  # too long, or cut at a stop inside it
                 continue
             p_ref = self._path_probability(prompt, ids, params)
             if len(ids) == params.max_tokens:
