@@ -11,14 +11,19 @@ bundled models see 256 positions).
 alternates the built-in sampler's whole-step-in-one-C-call path (BLAS sgemm) with the C kernels
 called layer by layer from Python, in one process, and prints each one's times and medians.
 
-    .venv/bin/python benchmarks/sampling.py --backend transformers [--arch llama|gpt2|gpt-neox] [--n 256]
+    .venv/bin/python benchmarks/sampling.py --backend transformers [--arch llama|gpt2|gpt-neox|all] [--n 256]
+        [--tasks humaneval --max-tokens 64] [--share-prompt off] [--rounds 3]
 
 measures passuntil's transformers backend (`TransformersSampler`) against `generate(
 num_return_sequences=n)` on the same weights and prompts: tiny-7 for llama; for gpt2 and gpt-neox
-a model of tiny-7's width and depth built from a config with random weights (and the bundled byte
-tokenizer). Prints samples/s of each, the ratio, and, per prompt, the share of samples whose first
-token is the model's likeliest, for each sampler with a two-proportion z (|z| < 4: the same
-distribution), and on llama the pass rate of the task's references.
+a model of tiny-7's width and depth (1,024 positions) built from a config with random weights
+(and the bundled byte tokenizer); `--arch all` runs the three in one process and prints a summary
+of the three ratios with the load average. Prints samples/s of each, the ratio, and, per prompt,
+the share of samples whose first token is the model's likeliest and whose second is ASCII, for
+each sampler with a two-proportion z (|z| < 4: the same distribution), and on llama the pass rate
+of the task's references. With `--tasks humaneval` the prompt is HumanEval/0's (348 tokens; cut
+to 256 - max tokens on tiny-7). `--rounds R` times ours then generate R times, alternating, and
+prints the median of the per-round ratios (a round's two ran under about the same load).
 
 Both sample the same weights for the same prompts (one instance of each bundled task):
 ours through `TorchSampler.generate` (prompt prefilled once, shared KV cache, rows leave the
@@ -73,7 +78,10 @@ def main() -> None:
     ap.add_argument("--ab-onecall", type=int, default=0, metavar="ROUNDS",
                     help="alternate one-call steps with layer-by-layer C kernels, ROUNDS each")
     ap.add_argument("--backend", default="torch", choices=["torch", "transformers"])
-    ap.add_argument("--arch", default="llama", choices=["llama", "gpt2", "gpt-neox"])
+    ap.add_argument("--arch", default="llama", choices=["llama", "gpt2", "gpt-neox", "all"])
+    ap.add_argument("--rounds", type=int, default=1, help="transformers backend: alternate ours/generate")
+    ap.add_argument("--share-prompt", default="on", choices=["on", "off"],
+                    help="TransformersSampler's shared prompt cache (off: per-row prompt copies)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,9 +185,10 @@ def ab_onecall(ours: TorchSampler, prompts, params, rounds: int) -> None:
               f"(one call saves {100 * (1 - ratio):.1f}%; noisy on a shared machine)")
 
 
-def _random_model(arch: str, like: Path, folder: Path) -> Path:
+def _random_model(arch: str, like: Path, folder: Path, positions: int = 1024) -> Path:
     """A causal LM of `arch` with `like`'s width, depth, heads and vocabulary, random weights,
-    and `like`'s byte tokenizer files, saved in `folder`."""
+    `positions` positions (so that a HumanEval prompt fits whole), and `like`'s byte tokenizer
+    files, saved in `folder`."""
     import json
     import shutil
 
@@ -189,40 +198,62 @@ def _random_model(arch: str, like: Path, folder: Path) -> Path:
     common = {"vocab_size": c["vocab_size"], "bos_token_id": 256, "eos_token_id": 256}
     if arch == "gpt2":
         cfg = transformers.GPT2Config(n_embd=c["hidden_size"], n_layer=c["num_hidden_layers"],
-                                      n_head=c["num_attention_heads"], n_positions=c["max_position_embeddings"],
+                                      n_head=c["num_attention_heads"], n_positions=positions,
                                       initializer_range=0.2, **common)
     else:
         cfg = transformers.GPTNeoXConfig(hidden_size=c["hidden_size"], num_hidden_layers=c["num_hidden_layers"],
                                          num_attention_heads=c["num_attention_heads"],
                                          intermediate_size=4 * c["hidden_size"], rotary_pct=0.25,
-                                         max_position_embeddings=c["max_position_embeddings"],
-                                         initializer_range=0.2, **common)
+                                         max_position_embeddings=positions, initializer_range=0.2, **common)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in ("tokenizer.json", "special_tokens_map.json"):
         shutil.copy(like / name, folder / name)
+    tok = json.loads((like / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tok, "model_max_length": positions}))
     return folder
 
 
 def transformers_backend(args) -> None:
-    """passuntil's transformers backend against generate(num_return_sequences) (see module doc)."""
+    """passuntil's transformers backend against generate(num_return_sequences) (see module doc),
+    for one architecture or (`--arch all`) each of llama (tiny-7), gpt2 and gpt-neox in turn,
+    with a summary of the ratios and the load average before and after."""
+    import os
     import tempfile
 
+    archs = ["llama", "gpt2", "gpt-neox"] if args.arch == "all" else [args.arch]
+    load0, ratios = os.getloadavg(), {}
+    for arch in archs:
+        with tempfile.TemporaryDirectory() as tmp:
+            ratios[arch] = _transformers_one(args, arch, Path(tmp))
+    load1 = os.getloadavg()
+    print(f"load average (1, 5, 15 min) before {', '.join(f'{x:.2f}' for x in load0)}; "
+          f"after {', '.join(f'{x:.2f}' for x in load1)} ({os.cpu_count()} cores)")
+    print("summary, TransformersSampler / generate: " + ", ".join(f"{a} {r:.1f}x" for a, r in ratios.items())
+          + f" (target >= 5x; --tasks {args.tasks}, --n {args.n}"
+          + (f", --max-tokens {args.max_tokens}" if args.max_tokens else "") + ")")
+
+
+def _transformers_one(args, arch: str, tmp: Path) -> float:
+    """One architecture: samples/s of each sampler, the ratio, and the same-distribution checks."""
     from passuntil.backends.hf import TransformersSampler
 
     like = BUNDLED / (args.model or "tiny-7")
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = like if args.arch == "llama" else _random_model(args.arch, like, Path(tmp))
-        ours = TransformersSampler(str(folder), device=args.device, dtype=args.dtype)
-        tasks = [get_task(t) for t in args.tasks.split(",")]
-        prompts = [t.prompt(t.instances[0]) for t in tasks]
-        params = [SamplingParams(n=args.n, seed=1, stop=t.stop, max_tokens=args.max_tokens or t.max_new_tokens)
-                  for t in tasks]
-        ours.generate(prompts, [SamplingParams(n=4, seed=0, stop=p.stop, max_tokens=p.max_tokens) for p in params])
+    folder = like if arch == "llama" else _random_model(arch, like, tmp)
+    ours = TransformersSampler(str(folder), device=args.device, dtype=args.dtype,
+                               share_prompt=args.share_prompt == "on")
+    tasks = [get_task(t) for t in args.tasks.split(",")]
+    prompts = [t.prompt(t.instances[0]) for t in tasks]
+    params = [SamplingParams(n=args.n, seed=1, stop=t.stop, max_tokens=args.max_tokens or t.max_new_tokens)
+              for t in tasks]
+    ours.generate(prompts, [SamplingParams(n=4, seed=0, stop=p.stop, max_tokens=p.max_tokens) for p in params])
+    hf, rounds = ours.model, []
+    for _ in range(args.rounds):  # ours then generate, alternating: a round's two ran under about the same load
+        ours.row_steps = 0
         t0 = time.perf_counter()
         mine = ours.generate(prompts, params)
         ours_s = time.perf_counter() - t0
-        hf, theirs = ours.model, []
+        theirs = []
         t0 = time.perf_counter()
         with torch.no_grad():
             for prompt, sp in zip(prompts, params):
@@ -231,28 +262,44 @@ def transformers_backend(args) -> None:
                                   temperature=1.0, max_new_tokens=sp.max_tokens, num_return_sequences=sp.n,
                                   pad_token_id=256, eos_token_id=256)
                 theirs.append(gen[:, ids.shape[1]:].tolist())
-        hf_s = time.perf_counter() - t0
-        n_samples = sum(sp.n for sp in params)
-        print(f"{args.arch} ({folder.name if args.arch == 'llama' else 'random weights, tiny-7 shape'}): "
-              f"{len(prompts)} prompts x {args.n} samples; threads {torch.get_num_threads()}")
-        print(f"  passuntil TransformersSampler: {n_samples / ours_s:,.0f} samples/s ({ours_s:.2f}s; "
-              f"{ours.row_steps:,} row-steps)")
-        print(f"  transformers generate:        {n_samples / hf_s:,.0f} samples/s ({hf_s:.2f}s)")
-        print(f"speed-up {hf_s / ours_s:.1f}x (target >= 5x)")
-        for task, prompt, sp, a, b in zip(tasks, prompts, params, mine, theirs):
-            ids = torch.tensor([ours._prompt_ids(prompt, sp.max_tokens)], device=args.device)
-            with torch.no_grad():
-                top = int(hf(ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax())
-            x = sum(bool(c.token_ids) and c.token_ids[0] == top for c in a)
-            y = sum(row[0] == top for row in b)
-            line = f"  {task.name}: first token = likeliest in {x}/{sp.n} (ours) vs {y}/{sp.n} (generate), " \
-                   f"z = {_z(x, y, sp.n):+.1f}"
-            if args.arch == "llama":
-                refs = task.instances[0].references
-                x = sum(c.text in refs for c in a)
-                y = sum(decode(row).split(sp.stop[0])[0] in refs if sp.stop else decode(row) in refs for row in b)
-                line += f"; passes {x} vs {y}, z = {_z(x, y, sp.n):+.1f}"
-            print(line)
+        rounds.append((ours_s, time.perf_counter() - t0))
+    n_samples = sum(sp.n for sp in params)
+    lengths = [len(ours._prompt_ids(p, sp.max_tokens)) for p, sp in zip(prompts, params)]
+    print(f"{arch} ({folder.name if arch == 'llama' else 'random weights, tiny-7 shape'}): "
+          f"{len(prompts)} prompts ({', '.join(map(str, lengths))} tokens) x {args.n} samples, max tokens "
+          f"{', '.join(str(sp.max_tokens) for sp in params)}; threads {torch.get_num_threads()}; "
+          f"attention: {ours.attention_path}")
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    ours_s, hf_s = med([a for a, _ in rounds]), med([b for _, b in rounds])
+    ratio = med([b / a for a, b in rounds])
+    print(f"  passuntil TransformersSampler: {n_samples / ours_s:,.0f} samples/s ({ours_s:.2f}s; "
+          f"{ours.row_steps:,} row-steps)")
+    print(f"  transformers generate:        {n_samples / hf_s:,.0f} samples/s ({hf_s:.2f}s)")
+    # generate prefills every sample's prompt; ours each prompt once; both compute the rows' steps
+    forwards = sum(lengths), sum(n * sp.n for n, sp in zip(lengths, params))
+    print(f"  token positions through the model: ours {forwards[0]:,} prefill + {ours.row_steps:,} decoding; "
+          f"generate {forwards[1]:,} prefill + its decoding steps")
+    each = ", ".join(f"{b / a:.1f}" for a, b in rounds)
+    print(f"  speed-up {ratio:.1f}x (target >= 5x)" + (f"; median of rounds {each}" if len(rounds) > 1 else ""))
+    for task, prompt, sp, a, b in zip(tasks, prompts, params, mine, theirs):
+        ids = torch.tensor([ours._prompt_ids(prompt, sp.max_tokens)], device=args.device)
+        with torch.no_grad():
+            top = int(hf(ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax())
+        x = sum(bool(c.token_ids) and c.token_ids[0] == top for c in a)
+        y = sum(row[0] == top for row in b)
+        line = f"  {task.name}: first token = likeliest in {x}/{sp.n} (ours) vs {y}/{sp.n} (generate), " \
+               f"z = {_z(x, y, sp.n):+.1f}"
+        # the second token is drawn after a decoding step (the first comes from the prefill)
+        x2 = sum(len(c.token_ids) > 1 and c.token_ids[1] < 128 for c in a)
+        y2 = sum(len(row) > 1 and row[1] < 128 for row in b)
+        line += f"; 2nd token ASCII {x2} vs {y2}, z = {_z(x2, y2, sp.n):+.1f}"
+        if arch == "llama":
+            refs = task.instances[0].references
+            x = sum(c.text in refs for c in a)
+            y = sum(decode(row).split(sp.stop[0])[0] in refs if sp.stop else decode(row) in refs for row in b)
+            line += f"; passes {x} vs {y}, z = {_z(x, y, sp.n):+.1f}"
+        print(line)
+    return ratio
 
 
 def _z(x: int, y: int, n: int) -> float:

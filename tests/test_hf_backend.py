@@ -1,7 +1,7 @@
 """The transformers backend: reproducible per-sample draws, stops while decoding, the model's own
-distribution, lm-eval's prompt/continuation split; on the bundled checkpoints (which transformers
-loads as Llama) and on a GPT-2 built here from a config with random weights and a BPE tokenizer
-trained here (nothing is downloaded)."""
+distribution, the shared prompt cache (and its fallback), lm-eval's prompt/continuation split; on
+the bundled checkpoints (which transformers loads as Llama) and on a GPT-2 and a GPT-NeoX built
+here from configs with random weights and a BPE tokenizer trained here (nothing is downloaded)."""
 
 import logging
 import shutil
@@ -13,8 +13,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from passuntil.backends import hf_attention  # noqa: E402
 from passuntil.backends.base import SamplingParams  # noqa: E402
-from passuntil.backends.hf import TransformersSampler  # noqa: E402
+from passuntil.backends.hf import COPIES, SHARED, TransformersSampler  # noqa: E402
 from passuntil.backends.torch_backend import TorchSampler, sampling_distribution  # noqa: E402
 
 BUNDLED = Path(__file__).parents[1] / "src/passuntil/bundled/tiny"
@@ -28,13 +29,11 @@ def llama():
     return TransformersSampler(str(SMALL))
 
 
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    """A 2-layer GPT-2 (learned absolute positions) with random, peaked weights and a byte-level
-    BPE tokenizer whose merges join a space to the word after it ("Ġsat")."""
+def _bpe_folder(folder: Path):
+    """A byte-level BPE tokenizer whose merges join a space to the word after it ("Ġsat"),
+    trained here and saved in `folder`; returns its EOS id and vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    folder = tmp_path_factory.mktemp("gpt2")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -43,11 +42,33 @@ def gpt2(tmp_path_factory):
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
                                                 bos_token="<|endoftext|>")
     fast.save_pretrained(folder)
-    eos = fast.convert_tokens_to_ids("<|endoftext|>")
+    return fast.convert_tokens_to_ids("<|endoftext|>"), len(fast)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """A 2-layer GPT-2 (learned absolute positions) with random, peaked weights and a byte-level
+    BPE tokenizer."""
+    folder = tmp_path_factory.mktemp("gpt2")
+    eos, vocab = _bpe_folder(folder)
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=len(fast), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2,
                                   bos_token_id=eos, eos_token_id=eos, initializer_range=0.3)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    return TransformersSampler(str(folder))
+
+
+@pytest.fixture(scope="module")
+def neox(tmp_path_factory):
+    """A 2-layer GPT-NeoX as in Pythia (partial rotary embeddings, parallel residual), random
+    peaked weights, the same BPE tokenizer."""
+    folder = tmp_path_factory.mktemp("neox")
+    eos, vocab = _bpe_folder(folder)
+    torch.manual_seed(1)
+    cfg = transformers.GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, rotary_pct=0.25, max_position_embeddings=64,
+                                     bos_token_id=eos, eos_token_id=eos, initializer_range=0.3)
+    transformers.GPTNeoXForCausalLM(cfg).save_pretrained(folder)
     return TransformersSampler(str(folder))
 
 
@@ -56,23 +77,27 @@ def _texts(comps):
 
 
 def test_sample_j_is_the_same_text_whatever_the_batch_size(llama):
-    """64 samples drawn in one batch, in batches of 7 (`chunk`), and one at a time, beside
-    another prompt or alone: sample j is the same text every time (a hash of (seed, j, step)
-    is its draw)."""
+    """256 samples drawn in one batch, in batches of 7 (`chunk`) beside another prompt, and one
+    at a time (batch size 1: the first 64 by `chunk`, three more alone by `first_sample`): sample j is the same text every time
+    (a hash of (seed, j, step) is its draw), on the shared prompt cache, whose rows of one prompt
+    fill the batch, or share it unevenly with another prompt's."""
+    assert llama.attention_path == SHARED
     prompt, other = "def f(x):\n", "reverse: abc -> "
-    sp = SamplingParams(n=64, seed=9, stop=("\n\n",), max_tokens=16)
+    sp = SamplingParams(n=256, seed=9, stop=("\n\n",), max_tokens=8)
     whole = _texts(llama.generate([prompt], [sp])[0])
-    assert len(set(whole)) > 20  # real variety, not one repeated text
-    llama.chunk = 7
+    assert len(set(whole)) > 25  # real variety, not one repeated text
     try:
+        llama.chunk = 7
         sevens = _texts(llama.generate([other, prompt], [SamplingParams(n=5, seed=1), sp])[1])
-        llama.chunk = 1
-        ones = [llama.generate([prompt], [SamplingParams(n=1, seed=9, stop=("\n\n",), max_tokens=16,
-                                                         first_sample=j)])[0][0].text for j in range(64)]
+        llama.chunk = 1  # the first 64 (each its own decode: seconds), three more alone below
+        ones = _texts(llama.generate([prompt], [SamplingParams(n=64, seed=9, stop=("\n\n",), max_tokens=8)])[0])
     finally:
         llama.chunk = 1024
-    assert whole == sevens == ones
-    assert _texts(llama.generate([prompt], [SamplingParams(n=64, seed=10, stop=("\n\n",), max_tokens=16)])[0]) \
+    assert whole == sevens and whole[:64] == ones
+    alone = [llama.generate([prompt], [SamplingParams(n=1, seed=9, stop=("\n\n",), max_tokens=8, first_sample=j)])
+             [0][0].text for j in (0, 100, 255)]
+    assert alone == [whole[0], whole[100], whole[255]]
+    assert _texts(llama.generate([prompt], [SamplingParams(n=256, seed=10, stop=("\n\n",), max_tokens=8)])[0]) \
         != whole
 
 
@@ -102,11 +127,14 @@ def test_rows_leave_the_batch_at_their_stop(llama):
     assert needed < 0.3 * 200 * 48 and llama.row_steps <= 1.5 * needed
 
 
-def test_greedy_equals_transformers_generate_for_prompts_of_different_lengths(gpt2, llama):
-    """Prompts of different lengths decode together (left-padded caches, explicit mask and
-    positions): greedy texts equal `generate(do_sample=False)` on each prompt alone, for GPT-2's
-    learned positions and Llama's RoPE; and no "attention mask is not set" warning."""
-    for sampler, prompts in ((gpt2, ["the cat", "a dog ate the rat. the"]), (llama, ["1+1=", "reverse: abcdef -> "])):
+def test_greedy_equals_transformers_generate_for_prompts_of_different_lengths(gpt2, neox, llama):
+    """Prompts of different lengths decode together (explicit mask and positions, the shared
+    prompt cache): greedy texts equal `generate(do_sample=False)` on each prompt alone, for
+    GPT-2's learned positions, GPT-NeoX's partial rotary embeddings and Llama's RoPE; and no
+    "attention mask is not set" warning."""
+    for sampler, prompts in ((gpt2, ["the cat", "a dog ate the rat. the"]), (neox, ["the dog", "a cat sat on the"]),
+                             (llama, ["1+1=", "reverse: abcdef -> "])):
+        assert sampler.attention_path == SHARED
         sp = SamplingParams(n=2, temperature=0.0, max_tokens=12)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -118,6 +146,47 @@ def test_greedy_equals_transformers_generate_for_prompts_of_different_lengths(gp
                                           pad_token_id=sampler.eos[0], eos_token_id=sampler.eos)[0, ids.shape[1]:]
             want = [t for t in want.tolist() if t not in sampler.eos]
             assert [list(c.token_ids) for c in comps] == [want, want]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+def test_shared_prompt_cache_draws_what_per_row_copies_draw(arch, request, monkeypatch):
+    """The shared-prefix attention computes what the per-row prompt copies compute: its check
+    against uncached forward passes agrees to 1e-5, and the same seeds draw the same texts,
+    token ids and finish reasons (float rounding aside) for three prompts of different lengths
+    with 90, 30 and 20 samples (two buckets of the prompt part, one of two prompts with empty
+    cells), rows leaving at stops and at max_tokens; also with the matrix-product prompt part (CUDA's) in place of the fused CPU
+    kernel."""
+    shared = request.getfixturevalue(arch)
+    copies = TransformersSampler(shared.name, share_prompt=False)
+    assert shared.attention_path == SHARED and copies.attention_path.startswith(COPIES)
+    assert shared._check_shared() < 1e-5
+    prompts = ["the cat sat on the mat. the", "a dog", "the"] if arch != "llama" else \
+        ["reverse: hqt -> ", "12+5=", "def"]
+    params = [SamplingParams(n=90, seed=3, stop=(".",) if arch != "llama" else ("\n",), max_tokens=12),
+              SamplingParams(n=30, seed=4, max_tokens=7, temperature=0.8, top_p=0.9),
+              SamplingParams(n=20, seed=5, max_tokens=9)]
+    want = [[(c.text, c.token_ids, c.finish_reason) for c in x] for x in copies.generate(prompts, params)]
+    assert sum(len(c[1]) < 12 for c in want[0]) >= 10  # some rows leave early
+    for flash in (hf_attention._FLASH_CPU, None):
+        monkeypatch.setattr(hf_attention, "_FLASH_CPU", flash)
+        got = [[(c.text, c.token_ids, c.finish_reason) for c in x] for x in shared.generate(prompts, params)]
+        assert sum(a == b for x, y in zip(got, want) for a, b in zip(x, y)) >= 0.99 * 140
+
+
+def test_falls_back_to_per_row_copies_where_the_shared_attention_does_not_apply(monkeypatch):
+    """A model not on `sdpa` attention (here eager), or one whose check fails, decodes with
+    per-row prompt copies, says why in `attention_path`, and draws the same texts."""
+    eager = TransformersSampler(str(SMALL))
+    eager.model.set_attn_implementation("eager")
+    assert eager.attention_path == f"{COPIES} (attention implementation 'eager', not sdpa)"
+    monkeypatch.setattr(TransformersSampler, "_check_shared", lambda self: 0.5)
+    failed = TransformersSampler(str(SMALL))
+    assert failed.attention_path == f"{COPIES} (its check differs from uncached logits by 0.5)"
+    assert failed.model.config._attn_implementation == "sdpa"
+    monkeypatch.undo()
+    sp = SamplingParams(n=40, seed=2, stop=("\n",), max_tokens=10)
+    texts = [_texts(s.generate(["12+5="], [sp])[0]) for s in (eager, failed, TransformersSampler(str(SMALL)))]
+    assert sum(a == b == c for a, b, c in zip(*texts)) >= 39
 
 
 def test_no_attention_mask_warning(llama, caplog):

@@ -4,9 +4,15 @@ For checkpoints the built-in sampler does not run (another architecture, grouped
 attention, RoPE scaling, an untied head, a BPE or SentencePiece tokenizer). It decodes as the
 built-in sampler does, through the model's own forward pass:
 
-* each distinct prompt of a call is prefilled once (batch 1); its KV cache is copied into the
-  rows of all its samples (left-padded to the longest prompt of the chunk, hidden by an explicit
-  attention mask, positions given per row), so prompts of any length decode together;
+* each distinct prompt of a call is prefilled once (batch 1), and all its samples attend to that
+  one copy of its keys and values: `hf_attention` registers an attention function with
+  transformers that reads each prompt's cache once per step for all its rows and each row's own
+  generated tokens, merged by log-sum-exp (`attention_path` says so, "shared prompt cache").
+  It is checked once per model against uncached forward passes; a model it does not fit (not
+  `sdpa`, sliding windows, soft-capping, its own attention code, or a failed check) decodes with
+  the prompt cache copied into each row instead, left-padded to the chunk's longest prompt
+  (`attention_path` "per-row prompt copies (why)"). Either way masks and positions are explicit,
+  so prompts of any length decode together;
 * a row leaves the batch the step it emits an end-of-sequence token, completes a stop sequence
   or reaches max_tokens (its cache rows are dropped with it);
 * sample j of a request is draw `first_sample + j` of the stream named by `seed`: the token at
@@ -17,32 +23,46 @@ built-in sampler does, through the model's own forward pass:
   rounding, the text the built-in sampler draws.
 
 Stop sequences are checked while decoding: a row's text is decoded again only when the new
-token's own text holds the last character of one of its stops (or a partial UTF-8 character),
-then cut at the first stop, as `truncate_at_stop` cuts it. `score` splits prompt and
-continuation as lm-eval's `_encode_pair` does: trailing whitespace of the prompt moves to the
-continuation, the continuation's tokens are those of the whole text past the prompt's.
+token's own text holds the last character of one of its stops (or a partial UTF-8 character,
+for a stop ending in a non-ASCII one), then cut at the first stop, as `truncate_at_stop` cuts
+it. `score` splits prompt and continuation as lm-eval's `_encode_pair` does: trailing
+whitespace of the prompt moves to the continuation, the continuation's tokens are those of the
+whole text past the prompt's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Sequence
 
 import numpy as np
 
-from passuntil.backends.base import Completion, SamplingParams, TokenScores, truncate_at_stop
+from passuntil.backends import hf_attention
+from passuntil.backends.base import (
+    Completion,
+    SamplingParams,
+    TokenScores,
+    exact_stop_endings,
+    truncate_at_stop,
+)
 from passuntil.errors import UserError
 from passuntil.seeding import row_keys, step_uniforms
+
+SHARED = "shared prompt cache"  # `attention_path`: the prompt's keys and values read once per prompt
+COPIES = "per-row prompt copies"
 
 
 class TransformersSampler:
     """Sampler over a transformers causal LM (see module docstring). `chunk` bounds the rows
     decoded together; fewer when their KV caches would pass `cache_bytes` (2 GiB on a CPU, a
-    quarter of the device's memory on a GPU)."""
+    quarter of the device's memory on a GPU). `share_prompt=False` decodes with per-row prompt
+    copies even where the shared prompt cache applies (to compare the two)."""
 
     def __init__(self, path: str, *, name: str | None = None, device: str = "cpu",
-                 dtype: str = "float32", chunk: int = 1024, cache_bytes: int | None = None):
+                 dtype: str = "float32", chunk: int = 1024, cache_bytes: int | None = None,
+                 share_prompt: bool = True):
         try:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -52,6 +72,8 @@ class TransformersSampler:
         self.name = name or path
         self.device = device
         self.chunk = chunk
+        self.share_prompt = share_prompt
+        self.warnings: list[str] = []  # stored with the run (runner.py): the attention path used
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
@@ -88,19 +110,22 @@ class TransformersSampler:
     # generation -------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> list[list[Completion]]:
-        """Rows are decoded in chunks of at most `chunk` rows, requests in order of prompt length;
-        a chunk is cut early where the next prompt is over twice (+16 tokens) the chunk's shortest,
-        since every row of a chunk attends over the chunk's longest prompt (left padding)."""
+        """Rows are decoded in chunks of at most `chunk` rows (fewer where their caches would pass
+        `cache_bytes`), requests in order of prompt length. With per-row prompt copies a chunk is
+        also cut where the next prompt is over twice (+16 tokens) the chunk's shortest, since every
+        row then attends over the chunk's longest prompt (left padding); with the shared prompt
+        cache a row holds only its generated tokens."""
         out: list[list[Completion | None]] = [[None] * sp.n for sp in params]
         ids = {r: self._prompt_ids(p, sp.max_tokens) for r, (p, sp) in enumerate(zip(prompts, params, strict=True))}
         if not ids:
             return out  # type: ignore[return-value]
-        longest = max(len(i) for i in ids.values()) + max(sp.max_tokens for sp in params)
+        shared = self.attention_path == SHARED
+        longest = max(sp.max_tokens for sp in params) + (0 if shared else max(len(i) for i in ids.values()))
         per_row = max(1, self._kv_bytes_per_token() * longest * 2)  # x2: the copy a repack makes
         size = max(1, min(self.chunk, self.cache_bytes // per_row))
         rows: list[tuple[int, int]] = []
         for r in sorted(ids, key=lambda r: len(ids[r])):
-            if rows and len(ids[r]) > 2 * len(ids[rows[0][0]]) + 16:
+            if rows and not shared and len(ids[r]) > 2 * len(ids[rows[0][0]]) + 16:
                 self._decode(rows, ids, params, out)
                 rows = []
             for j in range(params[r].n):
@@ -125,32 +150,23 @@ class TransformersSampler:
     def _decode(self, rows: list[tuple[int, int]], ids: dict[int, list[int]], params, out) -> None:
         """Decode one chunk of rows (request, sample index) to its end; results into `out`."""
         torch = self.torch
-        from transformers import DynamicCache
-
         from passuntil.backends.torch_backend import sampling_distribution
 
         dev = self.device
+        shared = self.attention_path == SHARED
         with torch.inference_mode():
-            # each distinct prompt prefilled once, its cache left-padded to T and copied to its rows
             requests = list(dict.fromkeys(r for r, _ in rows))
             distinct = list(dict.fromkeys(tuple(ids[r]) for r in requests))
             which = {r: distinct.index(tuple(ids[r])) for r in requests}
-            T = max(len(p) for p in distinct)
-            caches, first = [], []
-            for p in distinct:
-                o = self.model(input_ids=torch.tensor([p], device=dev),
-                               attention_mask=torch.ones(1, len(p), dtype=torch.long, device=dev), use_cache=True)
-                caches.append([tuple(torch.nn.functional.pad(t, (0, 0, T - len(p), 0)) for t in kv)
-                               for kv in _layers(_cache_of(o))])
-                first.append(o.logits[0, -1].float())
-            src = torch.tensor([which[r] for r, _ in rows], device=dev)
+            rows = sorted(rows, key=lambda row: which[row[0]])  # a prompt's rows together
+            src = [which[r] for r, _ in rows]
             max_new = max(params[r].max_tokens for r in requests)
-            cache = _new_cache(DynamicCache, [(torch.cat([c[li][0] for c in caches])[src],
-                                               torch.cat([c[li][1] for c in caches])[src]) for li in range(len(caches[0]))],
-                               T + max_new)
-            plen = torch.tensor([len(distinct[which[r]]) for r, _ in rows], device=dev)
+            caches, first = zip(*(self._prefill(p) for p in distinct), strict=True)
+            cache = self._row_cache(list(caches), src, max_new, shared)
+            T = max(len(p) for p in distinct)
+            plen = torch.tensor([len(distinct[i]) for i in src], device=dev)
             mask = (torch.arange(T, device=dev)[None, :] >= (T - plen)[:, None]).long()
-            logits = torch.stack(first)[src]
+            logits = torch.stack(first)[torch.tensor(src, device=dev)]
             sp = [params[r] for r, _ in rows]
             keys = np.concatenate([row_keys(s.seed or 0, np.array([s.first_sample + j])) for s, (_, j) in zip(sp, rows)])
             col = lambda f, dt: torch.tensor([f(s) for s in sp], dtype=dt, device=dev)  # noqa: E731
@@ -160,37 +176,117 @@ class TransformersSampler:
             live = list(range(len(rows)))  # the chunk's row of each batch row
             tokens: list[list[int]] = [[] for _ in rows]
             eos = torch.tensor(self.eos, device=dev)
-            for step in range(max(s.max_tokens for s in sp)):
-                tok = self._draw(logits, temp, topk, topp, filtered, keys, step, sampling_distribution)
-                ended = torch.isin(tok, eos).tolist()
-                for b, (i, t, end) in enumerate(zip(live, tok.tolist(), ended)):
-                    if i < 0:  # finished earlier, not yet repacked away
-                        continue
-                    if not end:
-                        tokens[i].append(t)
-                    if end or self._stopped(tokens[i], t, sp[i].stop):
-                        self._finish(out, rows[i], tokens[i], "stop", sp[i].stop)
-                    elif len(tokens[i]) >= sp[i].max_tokens:
-                        self._finish(out, rows[i], tokens[i], "length", sp[i].stop)
-                    else:
-                        continue
-                    live[b] = -1
-                keep = [b for b, i in enumerate(live) if i >= 0]
-                if not keep:
-                    return
-                if 4 * len(keep) <= 3 * len(live):  # finished rows leave the batch, with their cache rows
-                    idx = torch.tensor(keep, device=dev)
+            with hf_attention.active(cache) if shared else contextlib.nullcontext():
+                for step in range(max(s.max_tokens for s in sp)):
+                    tok = self._draw(logits, temp, topk, topp, filtered, keys, step, sampling_distribution)
+                    ended = torch.isin(tok, eos).tolist()
+                    for b, (i, t, end) in enumerate(zip(live, tok.tolist(), ended)):
+                        if i < 0:  # finished earlier, not yet repacked away
+                            continue
+                        if not end:
+                            tokens[i].append(t)
+                        if end or self._stopped(tokens[i], t, sp[i].stop):
+                            self._finish(out, rows[i], tokens[i], "stop", sp[i].stop)
+                        elif len(tokens[i]) >= sp[i].max_tokens:
+                            self._finish(out, rows[i], tokens[i], "length", sp[i].stop)
+                        else:
+                            continue
+                        live[b] = -1
+                    keep = [b for b, i in enumerate(live) if i >= 0]
+                    if not keep:
+                        return
+                    if 4 * len(keep) <= 3 * len(live):  # finished rows leave the batch, with their cache rows
+                        idx = torch.tensor(keep, device=dev)
+                        cache.batch_select_indices(idx)
+                        live = [live[b] for b in keep]
+                        mask, plen, tok, temp, topk, topp, filtered = (
+                            t[idx] for t in (mask, plen, tok, temp, topk, topp, filtered))
+                        keys = keys[keep]
+                    mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+                    logits = self._step(cache, tok, mask, plen + step)
+                    self.row_steps += len(live)
+
+    def _prefill(self, prompt: Sequence[int]) -> tuple[list[tuple], object]:
+        """One prompt alone (batch 1): its (keys, values) per layer and its last logits."""
+        torch = self.torch
+        o = self.model(input_ids=torch.tensor([list(prompt)], device=self.device),
+                       attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=self.device), use_cache=True)
+        return _layers(_cache_of(o)), o.logits[0, -1].float()
+
+    def _row_cache(self, caches: list[list[tuple]], src: list[int], max_new: int, shared: bool):
+        """The decoding cache of rows whose prompt is `caches[src[row]]`: shared prompt keys and
+        values (`hf_attention`), or each row's own copy, left-padded to the longest prompt."""
+        torch = self.torch
+        if shared:
+            return hf_attention.new_cache(caches, src)
+        from transformers import DynamicCache
+
+        T = max(c[0][0].shape[2] for c in caches)
+        pad = lambda t: torch.nn.functional.pad(t, (0, 0, T - t.shape[2], 0))  # noqa: E731
+        idx = torch.tensor(src, device=self.device)
+        return _new_cache(DynamicCache, [(torch.cat([pad(c[li][0]) for c in caches])[idx],
+                                          torch.cat([pad(c[li][1]) for c in caches])[idx])
+                                         for li in range(len(caches[0]))], T + max_new)
+
+    def _step(self, cache, tok, mask, positions):
+        """One decoding step of every row: the next token's logits (float32)."""
+        kwargs = {"position_ids": positions[:, None]} if self._positions else {}
+        kwargs[self._cache_arg] = cache
+        return self.model(input_ids=tok[:, None], attention_mask=mask, use_cache=True, **kwargs).logits[:, -1].float()
+
+    @functools.cached_property
+    def attention_path(self) -> str:
+        """`SHARED` when the model runs with the shared-prefix attention and it passed its check
+        (`_check_shared`), else the per-row copy path with the reason."""
+        if not self.share_prompt:
+            return f"{COPIES} (share_prompt=False)"
+        reason = hf_attention.install(self.model)
+        if reason is None:
+            try:
+                error = self._check_shared()
+                reason = None if error <= (1e-4 if self.model.dtype == self.torch.float32 else 2e-2) \
+                    else f"its check differs from uncached logits by {error:.2g}"
+            except (hf_attention.Unsupported, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as err:
+                reason = f"its check failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            if reason is not None:
+                hf_attention.uninstall(self.model)
+        path = SHARED if reason is None else f"{COPIES} ({reason})"
+        self.warnings.append(f"attention: {path}")
+        return path
+
+    def _check_shared(self) -> float:
+        """The largest difference (relative to the logits' size) between the shared-prefix path and
+        uncached forward passes of the same texts: two prompts of different lengths, three
+        steps, rows leaving so that prompts have unequal, then equal numbers of rows, then one
+        prompt is left."""
+        torch = self.torch
+        V = self.model.get_output_embeddings().weight.shape[0] if self.model.get_output_embeddings() is not None \
+            else self.model.config.vocab_size
+        prompts = [[(7 * i + 3) % V for i in range(5)], [(5 * i + 1) % V for i in range(2)]]
+        src = [0, 0, 1]
+        worst = 0.0
+        with torch.inference_mode():
+            caches = [self._prefill(p)[0] for p in prompts]
+            cache = hf_attention.new_cache(caches, src)
+            seqs = [list(prompts[s]) for s in src]
+            plen = torch.tensor([len(s) for s in seqs], device=self.device)
+            mask = (torch.arange(5, device=self.device)[None, :] >= (5 - plen)[:, None]).long()
+            for step, keep in enumerate(([0, 1, 2], [1, 2], [1])):
+                if len(keep) < len(seqs):
+                    idx = torch.tensor(keep, device=self.device)
                     cache.batch_select_indices(idx)
-                    live = [live[b] for b in keep]
-                    mask, plen, tok, temp, topk, topp, filtered = (
-                        t[idx] for t in (mask, plen, tok, temp, topk, topp, filtered))
-                    keys = keys[keep]
-                mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-                kwargs = {"position_ids": (plen + step)[:, None]} if self._positions else {}
-                kwargs[self._cache_arg] = cache
-                logits = self.model(input_ids=tok[:, None], attention_mask=mask, use_cache=True,
-                                    **kwargs).logits[:, -1].float()
-                self.row_steps += len(live)
+                    seqs, mask, plen = [seqs[b] for b in keep], mask[idx], plen[idx]
+                tok = torch.tensor([(11 * step + 2 * b + 1) % V for b in range(len(seqs))], device=self.device)
+                mask = torch.cat([mask, mask.new_ones(len(seqs), 1)], dim=1)
+                with hf_attention.active(cache):
+                    got = self._step(cache, tok, mask, plen + step)
+                for b, t in enumerate(tok.tolist()):
+                    seqs[b].append(t)
+                    want = self.model(input_ids=torch.tensor([seqs[b]], device=self.device),
+                                      attention_mask=torch.ones(1, len(seqs[b]), dtype=torch.long,
+                                                                device=self.device)).logits[0, -1].float()
+                    worst = max(worst, float((got[b] - want).abs().max() / (1 + want.abs().max())))
+        return worst
 
     def _draw(self, logits, temp, topk, topp, filtered, keys: np.ndarray, step: int, sampling_distribution):
         """Each row's token at `step`: the inverse CDF of its sampling distribution at its own
@@ -205,15 +301,17 @@ class TransformersSampler:
 
     def _stopped(self, row: list[int], token: int, stops: Sequence[str]) -> bool:
         """Whether the row's text now holds a stop sequence. Decoded again only when the new
-        token's own text could have completed one (it holds a stop's last character, or is part
-        of a multi-byte character); the final text is cut at the first stop in any case."""
+        token's own text could have completed one: it holds a stop's last character, or, for a
+        stop ending in a non-ASCII character, part of a multi-byte character (an ASCII byte
+        decodes as itself even beside partial characters). The final text is cut at the first
+        stop in any case."""
         stops = [s for s in stops if s]
         if not stops:
             return False
         if self._pieces is None:
             self._pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
         piece = self._pieces[token] if token < len(self._pieces) else "\ufffd"
-        if "\ufffd" not in piece and not any(s[-1] in piece for s in stops):
+        if not any(s[-1] in piece or ("\ufffd" in piece and not s[-1].isascii()) for s in stops):
             return False
         text = self.tokenizer.decode(row)
         return any(s in text for s in stops)
@@ -234,17 +332,17 @@ class TransformersSampler:
 
         Sums, over references, the probability of drawing the reference's own tokenization
         (`_ids`) and then ending right after it: an end-of-sequence token, a stop sequence (its
-        own tokenization; the text is cut there) or max_tokens reached. With a tokenizer where a
+        own tokenization, counted as `exact_stop_endings` says: none where the reference holds a
+        stop, since the text is cut there) or max_tokens reached. With a tokenizer where a
         text has one token sequence (the bundled byte-level one) this is exact; with a BPE
         tokenizer other token sequences spelling the same text are not summed: a lower bound.
         For an `Exact(strip=True)` check it is a lower bound as well (whitespace variants pass).
         """
-        stops = [s for s in params.stop if s and not any(o != s and s.startswith(o) for o in params.stop if o)]
         base = self._prompt_ids(prompt, params.max_tokens)
         total = 0.0
         for ref in dict.fromkeys(references):
-            ids = self._ids(ref)
-            if len(ids) > params.max_tokens:
+            ids, stops = self._ids(ref), exact_stop_endings(ref, params.stop)
+            if len(ids) > params.max_tokens or stops is None:  # too long, or cut at a stop inside it
                 continue
             probs = self._step_probs(base, ids, params)  # (len(ids) + 1, V)
             p_ref = float(probs[range(len(ids)), ids].prod()) if ids else 1.0
