@@ -97,10 +97,12 @@ def exact_data(store_path: str, run_id: str | None, task: str, exclude=()):
 
 def _exact_fit(n, p, target_n, level):
     from passuntil.scaling.exact import fit_exact, forecast_exact
+    from passuntil.scaling.forecast import PASS_AT_K_GRID
 
     try:
         fit = fit_exact(n, p)
-        return fit, None if target_n is None else forecast_exact(fit, target_n, level=level, p_data=p)
+        return fit, None if target_n is None else forecast_exact(fit, target_n, level=level, p_data=p,
+                                                                 ks=PASS_AT_K_GRID)
     except ValueError as err:
         raise UserError(f"the exact-ls fit cannot run on this data: {err}") from None
 
@@ -189,15 +191,17 @@ def forecast(store_path: str, *, task: str, run_id: str | None, target_model: st
 
 
 def _exact_forecast(data, *, task, target_model, target_n, level, thresholds) -> ForecastRecord:
-    """The forecast record of exact data: the exact-ls fit, classify_exact's class, and the
-    probabilities themselves as the record's data (`ForecastData.exact_p`)."""
+    """The forecast record of exact data: the exact-ls fit with what a sampled record carries
+    (population interval, per-instance forecasts, pass@k profile: `scaling.exact.forecast_exact`),
+    classify_exact's class, and the probabilities themselves as the record's data
+    (`ForecastData.exact_p`)."""
     import datetime as dt
     import math
 
     from passuntil.emergence import classify_exact
     from passuntil.scaling.exact import DATA, METHOD
     from passuntil.scaling.forecast import _version
-    from passuntil.scaling.forecast_record import ForecastData
+    from passuntil.scaling.forecast_record import ForecastData, PassAtK
     from passuntil.store import git_commit
 
     check_forecast_options(method="likelihood", level=level, target_n=target_n)
@@ -219,6 +223,9 @@ def _exact_forecast(data, *, task, target_model, target_n, level, thresholds) ->
     return ForecastRecord(
         task=task, method=METHOD, level=float(level), target_n=float(target_n), target_model=target_model,
         point=fc.point, low=fc.low, high=fc.high, data=record,
+        population_low=fc.population_low, population_high=fc.population_high,
+        instance_point=fc.instance_point, instance_low=fc.instance_low, instance_high=fc.instance_high,
+        dispersion=fc.dispersion, pass_at_k=tuple(PassAtK(*q) for q in fc.pass_at_k),
         emergence=shape.category, curvature_z=float(shape.z) if math.isfinite(shape.z) else None,
         warnings=tuple(warnings), created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         package_version=_version(), git_commit=git_commit())
@@ -270,61 +277,12 @@ def _classify_exact(classify_exact, n, p, task, **kw):
         raise UserError(f"cannot classify {task!r} on this data: {err}") from None
 
 
-ACCELERATION = "accelerated-emergence"
+def warning_comparison(store_path: str, **kw) -> list[dict]:
+    """`passuntil.warning_table.warning_comparison` (where the report's PassUntil-vs-exact
+    table is made), under the name the demo calls."""
+    from passuntil.warning_table import warning_comparison as rows
 
-
-def _sampled_warnings(store_path, run_id, task, target_model, target_n, record) -> tuple[str, list[str]]:
-    """(class, warning codes) of PassUntil's forecast of the target from a sampled run: the
-    given record (e.g. the demo's pre-registered one), else made now from the run's other sizes."""
-    if record is None:
-        _, df = task_counts(store_path, run_id, task)
-        held = target_model if target_model in set(df["model"]) else None
-        try:
-            record = forecast(store_path, task=task, run_id=run_id, target_model=held,
-                              target_n=None if held else target_n, method="likelihood", level=0.9)
-        except UserError as err:
-            if "all-zero" not in str(err):
-                raise
-            return "undetermined", ["all-zero"]
-    return record.emergence, fired(record.warnings)
-
-
-def warning_comparison(store_path: str, *, sampled_run: str, exact_run: str, target_model: str,
-                       tasks=None, sampled=None) -> list[dict]:
-    """Per task computed exactly in `exact_run`: did a warning of accelerated emergence fire
-    before `target_model` was seen, from PassUntil's counts (`sampled_run`, or the records in
-    `sampled`: task -> ForecastRecord) and from the exact probabilities of the smaller sizes?
-    With each side's class and warning codes, the exact forecast and the target's exact p."""
-    store, _ = open_run(store_path, exact_run)
-    open_run(store_path, sampled_run)
-    budget = store.run_config(sampled_run)["engine"]["max_samples"]
-    sampled = sampled or {}
-    rows = []
-    for task in tasks or sorted(set(estimates_table_tasks(store, exact_run))):
-        whole = exact_data(store_path, exact_run, task)
-        if whole is None or target_model not in whole[1]:
-            continue
-        n, names, _, p, _ = whole
-        record = forecast(store_path, task=task, run_id=exact_run, target_model=target_model, target_n=None,
-                          method="likelihood", level=0.9)
-        pu_class, pu_codes = _sampled_warnings(store_path, sampled_run, task, target_model, record.target_n,
-                                               sampled.get(task))
-        codes = fired(record.warnings)
-        rows.append({"task": task, "target": target_model, "budget": int(budget),
-                     "PassUntil class": pu_class, "PassUntil warnings": ", ".join(pu_codes) or "none",
-                     "PassUntil warned": ACCELERATION in pu_codes,
-                     "exact class": record.emergence, "exact curvature z": record.curvature_z,
-                     "exact warnings": ", ".join(codes) or "none", "exact warned": ACCELERATION in codes,
-                     "exact forecast": record.point, "exact p at target": float(p[:, names.index(target_model)].mean())})
-    return rows
-
-
-def estimates_table_tasks(store, run_id: str) -> list[str]:
-    """The tasks a run holds results for, in their first order."""
-    from passuntil.tables import estimates_table
-
-    df = estimates_table(store, run_id)
-    return [] if df.empty else list(dict.fromkeys(df["task"]))
+    return rows(store_path, **kw)
 
 
 def score_forecast_file(forecast_path: str, store_path: str, *, model: str | None,

@@ -24,15 +24,33 @@ LEVEL = click.option("--level", type=PROBABILITY, default=0.9, show_default=True
 @click.option("--run", "run_ids", multiple=True, help="Runs to include (default: all).")
 @click.option("--forecast", "forecast_files", multiple=True, help="Forecast files to draw and score against the runs' results.")
 @click.option("--out", "out_dir", default="passuntil-report", show_default=True)
-def report(store_path, run_ids, forecast_files, out_dir):
-    """One self-contained HTML report (plus PNG/SVG figures) of a run store."""
+@click.option("--exact-run", default=None,
+              help="An `eval --exact` run to compare PassUntil with: did the accelerated-emergence warning "
+                   "fire before the target? [the store's one exact-mode run, if any]")
+@click.option("--sampled-run", default=None,
+              help="The PassUntil run of that comparison [the first of --run (else of the store) holding "
+                   "a task the exact run computed]")
+@click.option("--target-model", default=None, help="The model the comparison holds out [the exact run's largest].")
+def report(store_path, run_ids, forecast_files, out_dir, exact_run, sampled_run, target_model):
+    """One self-contained HTML report (plus PNG/SVG figures) of a run store; with an exact-mode
+    run beside a PassUntil run, its "warning before the target: PassUntil vs exact" table."""
     from passuntil.report import load_report_data, write_report
     from passuntil.scaling.forecast import read_forecast
+    from passuntil.warning_table import choose_comparison, report_comparison
 
     records = [read_forecast(f) for f in forecast_files]
     store, runs = analysis.open_runs(store_path, run_ids)
-    data = load_report_data(store, runs, forecasts=records)
+    chosen = choose_comparison(store_path, run_ids, exact_run=exact_run, sampled_run=sampled_run,
+                               target_model=target_model)
+    rows, skipped = report_comparison(store_path, chosen, records)
+    data = load_report_data(store, runs, forecasts=records, warnings_before_target=rows)
     page = write_report(data, Path(out_dir), title=f"passuntil report: {Path(store_path).name}")
+    if skipped:
+        click.echo(f"no warning-before-target table (PassUntil run {chosen.sampled_run!r} vs exact run "
+                   f"{chosen.exact_run!r}): {skipped}")
+    elif chosen is not None:
+        click.echo(f"warning before {chosen.target}: PassUntil run {chosen.sampled_run!r} vs exact run "
+                   f"{chosen.exact_run!r} ({', '.join(r['task'] for r in rows)})")
     click.echo(f"report: {page}")
 
 

@@ -12,9 +12,13 @@ inverse chi^2, the shared error once per draw, the own errors per instance (cent
 shared part holds their mean). The draws are mapped to p and averaged over instances (point:
 their median). Per-instance t_{n-2} draws alone made a 90% interval cover 98% of simulated
 series with independent misfits, and pooling alone (no shared part) missed tiny-7 on arith.
-An interval from noise-free points is then as wide
-as the law's misfit says (zero only where the law fits exactly). The dataset-level version fits
-the same line to F of the mean p over instances, with its t_{n-2} prediction interval.
+An interval from noise-free points is then as wide as the law's misfit says (zero only where
+the law fits exactly). The dataset-level version fits the same line to F of the mean p over
+instances, with its t_{n-2} prediction interval. The same draws (parameter uncertainty and
+lack of fit) give what a sampled forecast carries beside its interval: each instance's
+forecast and interval, the pass@k profile (mean_i 1 - (1 - p_i)^k per draw) and the
+"population" interval (instances resampled per draw and widened as `TaskFit` widens it: it
+covers the mean of a fresh test set, which the "these instances" interval is not for).
 
 Instances whose p is 0 at every size (e.g. a reference longer than max_tokens) are forecast as 0;
 instances with 0 < p < 1 at fewer than 3 sizes are left out and counted (`unfitted`).
@@ -35,6 +39,8 @@ from scipy import stats
 EPS = 1e-300
 METHOD = "exact-ls"
 DATA = "exact pass probabilities (zero sampling variance; uncertainty from lack of fit only)"
+# k = 1, 3, 10, 32, ..., 1e6: the grid of `scaling.forecast.PASS_AT_K_GRID` (analysis passes that one)
+PASS_AT_K = tuple(int(round(10 ** (e / 2))) for e in range(13))
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,13 @@ class ExactFit:
 
 @dataclass(frozen=True)
 class ExactForecast:
-    """Mean PU at a size from an `ExactFit`: instance-level (point, interval) and dataset-level."""
+    """Mean PU at a size from an `ExactFit`: instance-level (point, interval) and dataset-level,
+    with what a sampled forecast carries beside them (`scaling.task_law.Forecast`): the
+    "population" interval (instances resampled too), each instance's forecast and interval
+    (instance order; NaN: unfitted, left out of the mean; 0: never passes), each instance's
+    `dispersion` (its residual variance of F over the pooled one: 1 is a typical misfit) and the
+    pass@k profile `pass_at_k`: (k, central, low, high) of mean_i 1 - (1 - p_i)^k over the
+    same draws (central: the median, so k = 1 gives `point`)."""
 
     n_params: float
     point: float
@@ -78,10 +90,22 @@ class ExactForecast:
     dataset_low: float
     dataset_high: float
     method: str = METHOD
+    population_low: float = float("nan")
+    population_high: float = float("nan")
+    instance_point: tuple[float, ...] = ()
+    instance_low: tuple[float, ...] = ()
+    instance_high: tuple[float, ...] = ()
+    dispersion: tuple[float, ...] = ()
+    pass_at_k: tuple[tuple[int, float, float, float], ...] = ()
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("n_params", "point", "low", "high", "level", "dataset_point",
-                                                "dataset_low", "dataset_high", "method")} | {"data": DATA}
+                                                "dataset_low", "dataset_high", "method")} | {
+            "data": DATA, "target": "these",
+            "population": {"low": self.population_low, "high": self.population_high},
+            "instances": {"point": list(self.instance_point), "low": list(self.instance_low),
+                          "high": list(self.instance_high), "dispersion": list(self.dispersion)},
+            "pass_at_k": [dict(zip(("k", "mean", "low", "high"), q)) for q in self.pass_at_k]}
 
 
 def _validate(n_params, p) -> tuple[np.ndarray, np.ndarray]:
@@ -175,8 +199,9 @@ def _lack_of_fit(fit: ExactFit, fitted: np.ndarray, used: np.ndarray, dof: np.nd
 
 
 def forecast_exact(fit: ExactFit, n_params: float, *, level: float = 0.9, draws: int = 4000,
-                   seed: int = 0, p_data=None) -> ExactForecast:
-    """Mean PU at `n_params` with a `level` prediction interval from lack of fit only.
+                   seed: int = 0, p_data=None, ks: tuple[int, ...] = PASS_AT_K) -> ExactForecast:
+    """Mean PU at `n_params` with a `level` prediction interval from lack of fit only, the
+    population interval, per-instance forecasts and the pass@k profile at `ks` (`ExactForecast`).
 
     `p_data` (the probabilities fitted) tells which sizes each instance's line used; without it
     every fitted instance is taken to have used every size."""
@@ -202,9 +227,11 @@ def forecast_exact(fit: ExactFit, n_params: float, *, level: float = 0.9, draws:
     z = rng.standard_normal((draws, 1)) * np.sqrt(shared.draw(rng, draws))
     z = z + own_z * np.sqrt(own.draw(rng, draws))
     f = centre + scale * z
-    total = fit.a.size - (~fitted & ~fit.never).sum()  # the instances forecast (never-pass ones at 0)
-    per = np.exp(-np.exp(np.clip(f, -700, 700)))  # (draws, fitted)
-    means = per.sum(1) / total
+    # the instances forecast: the fitted ones and the never-pass ones (at 0); unfitted ones are left out
+    forecast = fitted | fit.never
+    per = np.zeros((draws, int(forecast.sum())))  # (draws, instances forecast)
+    per[:, fitted[forecast]] = np.exp(-np.exp(np.clip(f, -700, 700)))
+    means = per.mean(1)
     q = ((1 - level) / 2, (1 + level) / 2)
     point, low, high = (float(v) for v in np.quantile(means, (0.5, *q)))
     da, db, ds2 = fit.dataset
@@ -215,7 +242,56 @@ def forecast_exact(fit: ExactFit, n_params: float, *, level: float = 0.9, draws:
         d_point, d_high, d_low = (float(np.exp(-np.exp(v))) for v in (f, f - tq * dsd, f + tq * dsd))
     else:
         d_point = d_low = d_high = float("nan")
-    return ExactForecast(float(n_params), point, low, high, float(level), d_point, d_low, d_high)
+    pop_low, pop_high = np.quantile(_population_means(per, level, seed), q)
+    inst = np.full((3, fit.a.size), np.nan)  # point, low, high per instance (NaN: unfitted)
+    inst[:, fit.never] = 0.0
+    inst[0, fitted] = np.exp(-np.exp(np.clip(centre, -700, 700)))  # the line at N (the draws' median)
+    inst[1:, fitted] = np.quantile(per[:, fitted[forecast]], q, axis=0)
+    tup = lambda v: tuple(float(x) for x in v)  # noqa: E731
+    return ExactForecast(float(n_params), point, low, high, float(level), d_point, d_low, d_high,
+                         population_low=float(pop_low), population_high=float(pop_high),
+                         instance_point=tup(inst[0]), instance_low=tup(inst[1]), instance_high=tup(inst[2]),
+                         dispersion=tup(_dispersion(fit, fitted, dof)), pass_at_k=_pass_at_k(per, ks, q))
+
+
+def _population_means(per: np.ndarray, level: float, seed: int) -> np.ndarray:
+    """Draws of the mean over the task's population of instances: `per` (draws, I) with the
+    instances resampled, widened on the logit scale by Hesterberg's sqrt(I/(I-1)) t_{I-1}/z,
+    the rule `TaskFit` uses for sampled fits (a percentile bootstrap over ~20 instances is too
+    narrow)."""
+    n = per.shape[1]
+    fixed = per.mean(1)
+    if n < 2:
+        return fixed
+    idx = np.random.default_rng([seed, 1]).integers(0, n, size=per.shape)
+    resampled = np.take_along_axis(per, idx, axis=1).mean(1)
+    if n < 3:
+        return resampled
+    qq = (1 + level) / 2
+    expand = np.sqrt(n / (n - 1)) * stats.t.ppf(qq, n - 1) / stats.norm.ppf(qq)
+    lf, lr = (stats.logistic.ppf(np.clip(v, 1e-300, 1 - 1e-16)) for v in (fixed, resampled))
+    return stats.logistic.cdf(lf + expand * (lr - lf))
+
+
+def _dispersion(fit: ExactFit, fitted: np.ndarray, dof: np.ndarray) -> np.ndarray:
+    """Each instance's residual variance of F over the pooled one (1: a typical misfit; NaN
+    where no line was fitted); 1 everywhere where the lines fit exactly."""
+    out = np.full(fit.a.size, np.nan)
+    s2 = fit.s2[fitted]
+    pooled = float(np.sum(s2 * dof) / np.sum(dof)) if np.sum(dof) > 0 else 0.0
+    out[fitted] = s2 / pooled if pooled > 0 else 1.0
+    return out
+
+
+def _pass_at_k(per: np.ndarray, ks, q) -> tuple[tuple[int, float, float, float], ...]:
+    """(k, median, low, high) over draws of mean_i 1 - (1 - p_i)^k."""
+    with np.errstate(divide="ignore"):
+        log_miss = np.log1p(-np.clip(per, 0.0, 1.0))  # -inf where p = 1 (pass@k = 1)
+    out = []
+    for k in ks:
+        mid, lo, hi = np.quantile((-np.expm1(k * log_miss)).mean(1), (0.5, *q))
+        out.append((int(k), float(mid), float(lo), float(hi)))
+    return tuple(out)
 
 
 def exact_curvature(n_params, p) -> dict:

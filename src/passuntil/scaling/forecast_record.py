@@ -7,10 +7,14 @@ the fit method and level, the target (model and N), the exact data the fit used
 "population" (`population_low`, `population_high`: a fresh test set from the task's
 population) — the per-instance forecasts and lack-of-fit factors, the pass@k profile of the
 target model (`pass_at_k`), threshold sizes, the emergence class, warnings (`code: message`),
-and when, by which version and commit it was made. Its SHA-256 covers every field but itself,
-so editing the point, an interval, a threshold or the data afterwards is detected and the file
-refused. Schema-2 files (whose `low`/`high` were the population interval and `test_set` the
-"these instances" one) are still read and verified; schema-1 files are refused with one line.
+and when, by which version and commit it was made. An exact-ls record (exact pass
+probabilities as data, `data.exact_p`) carries the same fields from `scaling.exact`: its
+per-instance values are null for an instance left out of the fit (too few sizes with 0 < p < 1)
+and its `dispersion` is each instance's residual variance over the pooled one. Its SHA-256
+covers every field but itself, so editing the point, an interval, a threshold or the data
+afterwards is detected and the file refused. Schema-2 files (whose `low`/`high` were the
+population interval and `test_set` the "these instances" one) are still read and verified;
+schema-1 files are refused with one line.
 
 `record.score(...)` is the one place a forecast is scored (`score-forecast`, the demo and the
 report all call it): the fit is remade from `record.data` with the record's method
@@ -139,8 +143,8 @@ def _inf(v) -> float:  # JSON null in a threshold: never reached within the sear
     return math.inf if v is None else float(v)
 
 
-def _floats(v) -> tuple[float, ...]:
-    return tuple(float(x) for x in v)
+def _floats(v) -> tuple[float, ...]:  # JSON null: NaN (an exact-ls record's unfitted instance)
+    return tuple(math.nan if x is None else float(x) for x in v)
 
 
 @dataclass(frozen=True)
