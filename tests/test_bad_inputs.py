@@ -15,9 +15,6 @@ to (one size, no passes). `test_documented_acceptances` lists extreme but valid 
 The store is made once per session (`eval --series sim --task sim-scaling --k 1 --max-samples
 200`, about two seconds) together with a pre-registered forecast file; each case works on
 copies of both in its own temporary directory.
-
-Cases marked `xfail(strict=True, reason="owner: ...")` fail today because of code another
-engineer is rewriting; strict, so the mark has to go once they are fixed.
 """
 
 from __future__ import annotations
@@ -164,12 +161,11 @@ def files(**contents):
     return make
 
 
-def C(case_id, args, setup=None, owner=None):
+def C(case_id, args, setup=None):
     """One case. `args` may name {store} and {fc} (the case's copies of the session store and
     forecast), {t} (the case's folder), {one} and {zero} (the session's degenerate stores).
     `setup(folder)` writes the case's files and may return environment variables to set."""
-    marks = [pytest.mark.xfail(strict=True, reason=f"owner: {owner}")] if owner else []
-    return pytest.param(args, setup, id=case_id, marks=marks)
+    return pytest.param(args, setup, id=case_id)
 
 
 # --- the cases -------------------------------------------------------------------------------
@@ -190,10 +186,8 @@ STORE_READERS = {  # a command line per command that opens an existing store ({s
 }
 
 
-def _readers(kind, path, setup, commands, owner=None):
-    owners = owner if isinstance(owner, dict) else {}
-    return [C(f"{kind}-{name}", [a.replace("{s}", path) for a in STORE_READERS[name]], setup,
-              owners.get(name, owner if isinstance(owner, str) else None))
+def _readers(kind, path, setup, commands):
+    return [C(f"{kind}-{name}", [a.replace("{s}", path) for a in STORE_READERS[name]], setup)
             for name in commands]
 
 
@@ -229,10 +223,10 @@ CORRUPT_STORES = [
       files(rnd__sqlite=RANDOM)),
 ]
 
-def _task(case_id, fname, content, owner=None):
+def _task(case_id, fname, content):
     setup = None if content is None else files(**{fname.replace(".", "__"): content})
     return C(f"task-{case_id}", [*FRESH_EVAL[:5], "--series", "tiny", "--model", "tiny-2",
-                                 "--task", f"{{t}}/{fname}"], setup, owner)
+                                 "--task", f"{{t}}/{fname}"], setup)
 
 
 TASK_FILES = [  # a few; tests/test_task_files.py covers task files in depth
@@ -280,9 +274,9 @@ BIGBENCH_DATA = [
 ]
 
 
-def _series(case_id, content, suffix="toml", owner=None):
+def _series(case_id, content, suffix="toml"):
     return C(f"series-{case_id}", [*FRESH_EVAL[:5], "--series", f"{{t}}/s.{suffix}", "--task", "sim-scaling"],
-             files(**{f"s__{suffix}": content}), owner)
+             files(**{f"s__{suffix}": content}))
 
 
 SERIES_FILES = [
@@ -318,13 +312,13 @@ SERIES_FILES = [
 ]
 
 
-def _train(case_id, setting, owner=None):
+def _train(case_id, setting):
     """A small train-series config (one 2-step size, written into the case's folder) with one bad
     `key = value` line replacing that key's default."""
     base = {"out": '"{out}"', "indices": "[2]", "steps": "2"}
     key, value = (part.strip() for part in setting.split("=", 1))
     toml = "".join(f"{k} = {v}\n" for k, v in {**base, key: value}.items())
-    return C(f"train-series-{case_id}", ["train-series", "{t}/c.toml"], files(c__toml=toml), owner)
+    return C(f"train-series-{case_id}", ["train-series", "{t}/c.toml"], files(c__toml=toml))
 
 
 TRAIN_CONFIGS = [
@@ -366,20 +360,20 @@ TRAIN_CONFIGS = [
 
 
 EVAL_OPTIONS = [
-    C(f"eval-{flag.strip('-')}-{value}", [*FRESH_EVAL, flag, value], None, owner)
-    for flag, value, owner in [
-        ("--k", "0", None), ("--k", "-1", None), ("--k", "nan", None), ("--k", "1.5", None),
-        ("--max-samples", "0", None), ("--max-samples", "-1", None), ("--max-samples", "nan", None),
-        ("--max-samples", str(10**30), None),
-        ("--batch-size", "0", None), ("--batch-size", "-1", None),
-        ("--seed", str(10**30), None), ("--seed", "abc", None),
-        ("--temperature", "nan", None), ("--temperature", "inf", None), ("--temperature", "-1", None),
-        ("--top-p", "0", None), ("--top-p", "1.5", None), ("--top-p", "nan", None), ("--top-p", "-0.5", None),
-        ("--top-k", "-1", None),
-        ("--check-workers", "-1", None),
-        ("--max-tokens", "0", None), ("--max-tokens", "-1", None), ("--max-tokens", str(10**30), None),
-        ("--limit", "0", None), ("--limit", "-1", None),
-        ("--ray-workers", "0", None),
+    C(f"eval-{flag.strip('-')}-{value}", [*FRESH_EVAL, flag, value])
+    for flag, value in [
+        ("--k", "0"), ("--k", "-1"), ("--k", "nan"), ("--k", "1.5"),
+        ("--max-samples", "0"), ("--max-samples", "-1"), ("--max-samples", "nan"),
+        ("--max-samples", str(10**30)),
+        ("--batch-size", "0"), ("--batch-size", "-1"),
+        ("--seed", str(10**30)), ("--seed", "abc"),
+        ("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"),
+        ("--top-p", "0"), ("--top-p", "1.5"), ("--top-p", "nan"), ("--top-p", "-0.5"),
+        ("--top-k", "-1"),
+        ("--check-workers", "-1"),
+        ("--max-tokens", "0"), ("--max-tokens", "-1"), ("--max-tokens", str(10**30)),
+        ("--limit", "0"), ("--limit", "-1"),
+        ("--ray-workers", "0"),
     ]
 ] + [
     C("eval-unknown-task", [*FRESH_EVAL[:5], "--task", "no-such-task"]),
@@ -397,24 +391,24 @@ EVAL_OPTIONS = [
 ]
 
 ANALYSIS_OPTIONS = [
-    *[C(f"show-confidence-{v}", ["show", "{store}", "--confidence", v], None, o)
-      for v, o in [("1.5", None), ("0", None), ("-1", None), ("nan", None), ("1", None), ("inf", None)]],
+    *[C(f"show-confidence-{v}", ["show", "{store}", "--confidence", v])
+      for v in ["1.5", "0", "-1", "nan", "1", "inf"]],
     C("show-unknown-run", ["show", "{store}", "--run", "ghost"]),
-    *[C(f"fit-{flag.strip('-')}-{v}", ["fit", "{store}", "--task", "sim-scaling", flag, v], None, o)
-      for flag, v, o in [("--target-n", "0", None), ("--target-n", "-1", None), ("--target-n", "nan", None),
-                         ("--target-n", "inf", None), ("--level", "1.5", None), ("--level", "0", None),
-                         ("--level", "nan", None), ("--method", "bogus", None), ("--model", "ghost", None),
-                         ("--run", "ghost", None)]],
+    *[C(f"fit-{flag.strip('-')}-{v}", ["fit", "{store}", "--task", "sim-scaling", flag, v])
+      for flag, v in [("--target-n", "0"), ("--target-n", "-1"), ("--target-n", "nan"),
+                         ("--target-n", "inf"), ("--level", "1.5"), ("--level", "0"),
+                         ("--level", "nan"), ("--method", "bogus"), ("--model", "ghost"),
+                         ("--run", "ghost")]],
     C("fit-unknown-task", ["fit", "{store}", "--task", "ghost"]),
     *[C(f"forecast-{flag.strip('-')}-{v}",
         ["forecast", "{store}", "--task", "sim-scaling", "--out", "{t}/f2.json",
-         *([] if flag in ("--target-n", "--target-model") else ["--target-model", "2.4B"]), flag, v], None, o)
-      for flag, v, o in [("--target-n", "0", None), ("--target-n", "-1", None), ("--target-n", "nan", None),
-                         ("--target-n", "inf", None), ("--level", "0", None), ("--level", "1", None),
-                         ("--level", "1.5", None), ("--level", "nan", None), ("--threshold", "0", None),
-                         ("--threshold", "1.5", None), ("--threshold", "nan", None),
-                         ("--threshold", "-1", None), ("--method", "bogus", None),
-                         ("--target-model", "ghost", None)]],
+         *([] if flag in ("--target-n", "--target-model") else ["--target-model", "2.4B"]), flag, v])
+      for flag, v in [("--target-n", "0"), ("--target-n", "-1"), ("--target-n", "nan"),
+                         ("--target-n", "inf"), ("--level", "0"), ("--level", "1"),
+                         ("--level", "1.5"), ("--level", "nan"), ("--threshold", "0"),
+                         ("--threshold", "1.5"), ("--threshold", "nan"),
+                         ("--threshold", "-1"), ("--method", "bogus"),
+                         ("--target-model", "ghost")]],
     C("forecast-no-target", ["forecast", "{store}", "--task", "sim-scaling", "--out", "{t}/f2.json"]),
     C("forecast-out-exists", ["forecast", "{store}", "--task", "sim-scaling", "--target-model", "2.4B",
                               "--out", "{fc}"]),
@@ -422,13 +416,13 @@ ANALYSIS_OPTIONS = [
                                   "--out", "/proc/passuntil-f.json"]),
     C("forecast-out-under-a-file", ["forecast", "{store}", "--task", "sim-scaling", "--target-model", "2.4B",
                                     "--out", "{t}/afile/f.json"]),
-    *[C(f"plan-{flag.strip('-')}-{v}", ["plan", *([] if flag == "--pu" else ["--pu", "0.01"]), flag, v], None, o)
-      for flag, v, o in [("--pu", "2", None), ("--pu", "-0.1", None), ("--pu", "nan", None),
-                         ("--pu", "inf", None), ("--k", "0", None), ("--k", "-1", None),
-                         ("--max-samples", "0", None), ("--max-samples", "-1", None),
-                         ("--samples-per-s", "0", None),
-                         ("--samples-per-s", "-1", None), ("--samples-per-s", "nan", None),
-                         ("--samples-per-s", "inf", None)]],
+    *[C(f"plan-{flag.strip('-')}-{v}", ["plan", *([] if flag == "--pu" else ["--pu", "0.01"]), flag, v])
+      for flag, v in [("--pu", "2"), ("--pu", "-0.1"), ("--pu", "nan"),
+                         ("--pu", "inf"), ("--k", "0"), ("--k", "-1"),
+                         ("--max-samples", "0"), ("--max-samples", "-1"),
+                         ("--samples-per-s", "0"),
+                         ("--samples-per-s", "-1"), ("--samples-per-s", "nan"),
+                         ("--samples-per-s", "inf")]],
     C("plan-nothing", ["plan"]),
     C("plan-store-without-model", ["plan", "--store", "{store}", "--task", "sim-scaling"]),
     C("plan-unknown-model", ["plan", "--store", "{store}", "--task", "sim-scaling", "--model", "ghost"]),
