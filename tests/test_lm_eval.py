@@ -414,7 +414,12 @@ def test_ray_run_of_an_lm_eval_task_equals_the_local_run(tmp_path, monkeypatch):
             "--no-reference-scores"]
     res = run(cli, [*base, "--check-workers", "1", "--store", "local.sqlite"])
     assert res.exit_code == 0, res.output
-    res = run(cli, [*base, "--ray", "local", "--ray-workers", "1", "--store", "ray.sqlite"])
+    import ray
+
+    try:
+        res = run(cli, [*base, "--ray", "local", "--ray-workers", "1", "--store", "ray.sqlite"])
+    finally:
+        ray.shutdown()  # the run started Ray in this process: leave none for later tests
     assert res.exit_code == 0, res.output
 
     def counts(path):

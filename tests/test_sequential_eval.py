@@ -217,6 +217,7 @@ def test_a_design_run_on_ray_has_the_counts_of_a_local_run(tmp_path, capsys):
     args = ("--total-budget", "1e4", "--round-size", "2000", "--seed", "5")
     store = tmp_path / "ray.sqlite"
     assert _design(capsys, store, "local", *args)[0] == 0
+    ray.shutdown()  # a Ray left by another test would be taken over with its own settings
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         code, _, err = _design(capsys, store, "ray", *args, "--ray", "local", "--ray-workers", "2")

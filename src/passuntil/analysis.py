@@ -277,14 +277,6 @@ def _classify_exact(classify_exact, n, p, task, **kw):
         raise UserError(f"cannot classify {task!r} on this data: {err}") from None
 
 
-def warning_comparison(store_path: str, **kw) -> list[dict]:
-    """`passuntil.warning_table.warning_comparison` (where the report's PassUntil-vs-exact
-    table is made), under the name the demo calls."""
-    from passuntil.warning_table import warning_comparison as rows
-
-    return rows(store_path, **kw)
-
-
 def score_forecast_file(forecast_path: str, store_path: str, *, model: str | None,
                         run_id: str | None) -> ForecastScore:
     """Read and verify a forecast file, then score it on the target model's results of a run."""

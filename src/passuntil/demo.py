@@ -178,7 +178,7 @@ def run_demo(out_dir: Path, *, quick: bool = False, series: str = "tiny",
     console.print(table)
     # beside PassUntil, the exact mode on every size (one forward pass per instance and size):
     # does a warning fire before the target from the exact probabilities of the smaller sizes?
-    from passuntil.analysis import warning_comparison
+    from passuntil.warning_table import warning_comparison
 
     exact_tasks = _exact_tasks(tasks, models, engine)
     warned = []
