@@ -116,6 +116,18 @@ def test_no_width_stop_before_the_guard(tmp_path, capsys):
     res = results["sim-scaling"]
     assert res["reason"] == "halfwidth" and res["spent"] >= 60_000
     assert "no width stop before 60,000 samples" in run_cli(capsys, "show", str(store), "--run", "g")[1]
+    code, _, err = _design(capsys, tmp_path / "z.sqlite", "z", "--total-budget", "1e4", "--round-size", "4000",
+                           "--target-width", "0.05", "--width-stop-after", "0")  # 0: the default, no guard
+    assert code == 0, err
+
+
+def test_a_target_below_the_smallest_size_is_noted_as_a_downward_extrapolation(tmp_path, capsys):
+    store = tmp_path / "low.sqlite"
+    code, _, err = run_cli(capsys, "eval", "--task", "sim-scaling", "--series", "sim", "--design", "forecast",
+                           "--target-n", "1e6", "--total-budget", "2000", "--store", str(store))
+    assert code == 0, err
+    shown = run_cli(capsys, "show", str(store))[1]
+    assert "extrapolation downward" in shown and "interpolation" not in shown
 
 
 def test_each_task_has_its_own_design_and_budget(tmp_path, capsys):

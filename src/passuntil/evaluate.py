@@ -147,8 +147,10 @@ def _note_design(store: Store, run_id: str, spec: RunSpec) -> None:
     if spec.design is None:
         return
     settings = DesignSettings.from_dict(spec.design)
-    largest = max(m.n_params for m in spec.models)
+    smallest, largest = min(m.n_params for m in spec.models), max(m.n_params for m in spec.models)
     where = "" if settings.target_n > largest else (
+        f" (the target is below the smallest sampled size {smallest:.3g}: an extrapolation downward, where "
+        "the law is least tested)" if settings.target_n < smallest else
         f" (the target is not beyond the largest sampled size {largest:.3g}: an interpolation, not a forecast)")
     add_note(store, run_id, model="*", stage="design", text=settings.describe() + where)
 

@@ -133,7 +133,7 @@ def resolve_settings(options: Mapping[str, Any], *, series_models: Sequence, sam
     after = options.get("width_stop_after")
     if after is not None and width is None:
         raise UserError("--width-stop-after guards the width stop: it needs --target-width")
-    after = 0 if after is None else _whole(after, "--width-stop-after")
+    after = 0 if after in (None, 0) else _whole(after, "--width-stop-after")  # 0: no guard
     sizes = {float(m.n_params) for m in sampled}
     if len(sizes) < 2:
         raise UserError(f"--design forecast needs at least two sampled model sizes to fit a slope (got "
