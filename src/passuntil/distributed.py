@@ -92,6 +92,44 @@ def _get(ray, ref):
         raise
 
 
+def start_actors(ray, spec: RunSpec, workers: int | None) -> list:
+    """One `ShardWorker` actor per worker asked for (default: one per CPU of the cluster)."""
+    n_actors = workers or max(1, int(ray.available_resources().get("CPU", 1)))
+    remote = ray.remote(num_cpus=1)(ShardWorker)
+    return [remote.remote(spec.to_json()) for _ in range(n_actors)]
+
+
+def run_shards(ray, actors: list, jobs: list, submit, commit, found: dict[str, dict[str, None]]) -> None:
+    """Run every job on the next idle actor (`submit(actor, job, queue)` starts it and returns its
+    ref) while committing, in this process, each engine batch the actors put on the queue
+    (`commit(model, updates)`) as it arrives; the sampler warnings each job returns are gathered
+    in `found[model]`. A worker's error is raised here (`_get`)."""
+    from ray.util.queue import Queue
+
+    queue = Queue()
+
+    def drain():
+        while not queue.empty():
+            try:
+                model, updates = queue.get(timeout=0.2)
+            except Exception:  # noqa: BLE001 - ray.util.queue.Empty: nothing arrived yet
+                return
+            commit(model, updates)
+
+    jobs, running, idle = list(jobs), {}, list(actors)
+    while jobs or running:
+        while jobs and idle:
+            actor = idle.pop()
+            running[submit(actor, jobs.pop(0), queue)] = actor
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
+        drain()
+        for ref in ready:
+            model, warned = _get(ray, ref)
+            found.setdefault(model, {}).update(dict.fromkeys(warned))
+            idle.append(running.pop(ref))
+    drain()
+
+
 class RayRunner:
     """Shards of `shard_size` instances over `workers` actors (default: one per CPU)."""
 
@@ -107,12 +145,7 @@ class RayRunner:
 
     def _run(self, store, run_id: str, spec: RunSpec, progress: Tally) -> list[str]:
         ray = connect(self.address, self.workers)
-        from ray.util.queue import Queue
-
-        n_actors = self.workers or max(1, int(ray.available_resources().get("CPU", 1)))
-        remote = ray.remote(num_cpus=1)(ShardWorker)
-        actors = [remote.remote(spec.to_json()) for _ in range(n_actors)]
-        queue = Queue()
+        actors = start_actors(ray, spec, self.workers)
         tasks = spec.load_tasks()
         work, seen = [], {}
         progress.set_model(", ".join(m.name for m in spec.models), [t.name for t in tasks])
@@ -126,34 +159,18 @@ class RayRunner:
             size = self.shard_size
             work += [(m.name, todo[i:i + size]) for i in range(0, len(todo), size)]
 
-        def drain():
-            while not queue.empty():
-                try:
-                    model, updates = queue.get(timeout=0.2)
-                except Exception:  # noqa: BLE001 - ray.util.queue.Empty: nothing arrived yet
-                    return
-                store.commit_round(run_id, model, updates)
-                for u in updates:
-                    key = (model, u.state.key)
-                    progress.advance(samples=u.state.samples - seen[key],
-                                     instances=int(u.state.stopped is not None))
-                    seen[key] = u.state.samples
+        def commit(model, updates):
+            store.commit_round(run_id, model, updates)
+            for u in updates:
+                key = (model, u.state.key)
+                progress.advance(samples=u.state.samples - seen[key],
+                                 instances=int(u.state.stopped is not None))
+                seen[key] = u.state.samples
 
-        running, warnings = {}, {}
-        idle = list(actors)
+        warnings = {}
         try:
-            while work or running:
-                while work and idle:
-                    actor = idle.pop()
-                    model, shard = work.pop(0)
-                    running[actor.run_shard.remote(model, shard, queue)] = actor
-                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
-                drain()
-                for ref in ready:
-                    model, found = _get(ray, ref)  # re-raises a worker's error here
-                    warnings.setdefault(model, {}).update(dict.fromkeys(found))
-                    idle.append(running.pop(ref))
-            drain()
+            run_shards(ray, actors, work, lambda actor, job, queue: actor.run_shard.remote(*job, queue),
+                       commit, warnings)
             notes = [note for model, found in warnings.items()
                      for note in record_sampler_warnings(store, run_id, model, list(found))]
             progress.stage(reference.STAGE)
@@ -185,44 +202,26 @@ class RayCells:
     def __init__(self, spec: RunSpec, address: str = "local", workers: int | None = None,
                  shard_size: int = 8):
         self.ray = connect(address, workers)
-        n_actors = workers or max(1, int(self.ray.available_resources().get("CPU", 1)))
-        remote = self.ray.remote(num_cpus=1)(ShardWorker)
-        self.actors = [remote.remote(spec.to_json()) for _ in range(n_actors)]
+        self.actors = start_actors(self.ray, spec, workers)
         self.shard_size = shard_size
         self.found: dict[str, dict[str, None]] = {}
 
     def sample(self, store, run_id: str, model: str, states, targets, progress: Progress) -> None:
-        from ray.util.queue import Queue
-
-        ray, queue = self.ray, Queue()
         seen = {st.key: st.samples for st in states}
         todo = [st for st in states if targets.get(st.key, 0) > st.samples]
         shards = [todo[i:i + self.shard_size] for i in range(0, len(todo), self.shard_size)]
 
-        def drain():
-            while not queue.empty():
-                try:
-                    name, updates = queue.get(timeout=0.2)
-                except Exception:  # noqa: BLE001 - ray.util.queue.Empty: nothing arrived yet
-                    return
-                store.commit_round(run_id, name, updates)
-                for u in updates:
-                    progress.advance(samples=u.state.samples - seen[u.state.key])
-                    seen[u.state.key] = u.state.samples
+        def commit(name, updates):
+            store.commit_round(run_id, name, updates)
+            for u in updates:
+                progress.advance(samples=u.state.samples - seen[u.state.key])
+                seen[u.state.key] = u.state.samples
 
-        running, idle = {}, list(self.actors)
-        while shards or running:
-            while shards and idle:
-                actor, shard = idle.pop(), shards.pop(0)
-                goal = {st.key: targets[st.key] for st in shard}
-                running[actor.run_quota_shard.remote(model, shard, goal, queue)] = actor
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
-            drain()
-            for ref in ready:
-                name, found = _get(ray, ref)  # re-raises a worker's error here
-                self.found.setdefault(name, {}).update(dict.fromkeys(found))
-                idle.append(running.pop(ref))
-        drain()
+        def submit(actor, shard, queue):
+            goal = {st.key: targets[st.key] for st in shard}
+            return actor.run_quota_shard.remote(model, shard, goal, queue)
+
+        run_shards(self.ray, self.actors, shards, submit, commit, self.found)
 
     def warnings(self, model: str) -> list[str]:
         return list(self.found.get(model, {}))
