@@ -1,11 +1,14 @@
 """Task-law fits on simulated series with a known true law per instance (seeded)."""
 
+import json
+
 import numpy as np
 import pytest
 
 from passuntil.scaling.data import SeriesCounts
 from passuntil.scaling.task_law import fit_dataset, fit_instances_ls, fit_likelihood, law_p
 from passuntil.simulation import simulate_counts
+from tests.conftest import run_cli
 
 N = np.array([3.6e7, 1.09e8, 2.41e8, 4.99e8, 8.92e8, 1.542e9, 2.45e9])  # the paper's sizes
 
@@ -178,7 +181,7 @@ def test_pass_at_k_docstring_states_the_passuntil_bias():
 
 def test_forecast_reports_both_targets_and_every_instance():
     """The default interval is for the mean over *these* instances; the population one is wider;
-    each instance has its own forecast and interval, in instance order."""
+    each instance has its own forecast (the median of its draws) and interval, in instance order."""
     counts, p = simulated_series(np.random.default_rng(12))
     fit = fit_likelihood(counts.select_models(np.arange(6)))
     f = fit.forecast(N[-1], level=0.9)
@@ -187,7 +190,10 @@ def test_forecast_reports_both_targets_and_every_instance():
     assert f.population_low < f.these_low < f.point < f.these_high < f.population_high
     assert len(f.instance_point) == len(f.instance_low) == len(f.dispersion) == 20
     lo, mid, hi = (np.array(v) for v in (f.instance_low, f.instance_point, f.instance_high))
-    assert np.all(lo <= mid) and np.all(mid <= hi) and np.mean(mid) == pytest.approx(f.point, rel=1e-9)
+    assert np.all(lo <= mid) and np.all(mid <= hi)
+    # the point is the posterior median of the mean over these instances, from the interval's draws
+    assert f.point == pytest.approx(np.median(fit.sample_means(N[-1], resample_instances=False)), rel=1e-12)
+    assert f.these_low <= f.point <= f.these_high
     assert np.mean((lo <= p[:, -1]) & (p[:, -1] <= hi)) >= 0.8  # each instance's interval holds its truth
     d = f.to_dict()
     assert d["target"] == "these" and set(d["instances"]) == {"point", "low", "high", "dispersion"}
@@ -246,3 +252,22 @@ def test_these_instances_intervals_are_calibrated(capsys):
                   f"population {r['population']:.0%}, bias log {r['bias_log']:+.3f}")
     for r in rows:
         assert 0.78 <= r["these"] <= 0.99 and 0.78 <= r["population"] <= 1.0
+
+
+def test_a_forecast_below_the_smallest_size_has_its_point_inside_its_interval(tmp_path, capsys):
+    """`passuntil forecast --target-n` below the smallest fitted size: the posterior of the mean PU
+    there is very skewed, and its posterior mean (the former point) lay above its own interval
+    (here 1.9e-6 against [1.8e-32, 7.4e-8]).
+    The point is the posterior median of the same draws: inside every interval reported."""
+    store, out = str(tmp_path / "s.sqlite"), tmp_path / "f.json"
+    models = [a for m in ("0.1B", "0.2B", "0.5B", "0.9B", "1.5B") for a in ("--model", m)]
+    code, _, err = run_cli(capsys, "eval", "--task", "sim-scaling", "--store", store, "--k", "2",
+                           "--max-samples", "300", *models)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "forecast", store, "--task", "sim-scaling", "--target-n", "1e5",
+                           "--out", str(out))
+    assert code == 0, err
+    f = json.loads(out.read_text())["forecast"]
+    assert f["low"] <= f["point"] <= f["high"], f
+    inst = f["instances"]
+    assert all(lo <= p <= hi for lo, p, hi in zip(inst["low"], inst["point"], inst["high"]))

@@ -55,7 +55,11 @@ class Forecast:
     * "population" (`population_low`, `population_high`): the mean over the task's population
       of instances (a fresh test set of the same size); adds instance resampling.
 
-    `low`/`high` are the interval of `target` (default "these"). Per instance, `instance_point`,
+    `point`: for the likelihood fit the posterior median of the mean PU over these instances
+    (the median of the draws the "these instances" interval comes from, so it lies inside it);
+    for the other fits the mean over instances of each instance's fitted law.
+    `low`/`high` are the interval of `target` (default "these"). Per instance, `instance_point`
+    (likelihood fit: the median of that instance's draws),
     `instance_low`, `instance_high` are each instance's forecast PU and interval, in instance
     order; `dispersion` is each instance's lack-of-fit factor (1: binomial noise explains its
     scatter; > 1: its likelihood was tempered by that factor, widening its interval).
@@ -240,8 +244,12 @@ class TaskFit:
 
         `low`/`high` are the interval of `target` ("these": the mean over the fitted instances,
         what a score on the same instances must use; "population": the task's population mean).
-        For the likelihood fit the point is the posterior mean of the mean PU (the mode's plug-in
-        value is biased low where instances are uncertain)."""
+        For the likelihood fit the point is the posterior median of the mean PU over these
+        instances, from the same draws as the interval, so it lies inside every central interval
+        of them (each instance's point: the median of its own draws). The posterior mean, the
+        former point, is pulled up by the right tail of a skewed posterior: for a target below
+        the smallest fitted size it lay above its own 90% interval. (The mode's plug-in value is
+        biased low where instances are uncertain.)"""
         if target not in ("these", "population"):
             raise ValueError(f"the interval target is 'these' or 'population' (got {target!r})")
         qs = [(1 - level) / 2, (1 + level) / 2]
@@ -252,8 +260,8 @@ class TaskFit:
         t_lo, t_hi = np.quantile(these, qs)
         p_lo, p_hi = np.quantile(population, qs)
         likelihood = self.posterior is not None
-        point = float(these.mean()) if likelihood else self.predict(n_params)
-        inst_point = per.mean(axis=0) if likelihood else self.instance_p(n_params)
+        point = float(np.median(these)) if likelihood else self.predict(n_params)
+        inst_point = np.median(per, axis=0) if likelihood else self.instance_p(n_params)
         inst_lo, inst_hi = np.quantile(per, qs, axis=0)
         warn = []
         if np.isnan(self.a).any():
