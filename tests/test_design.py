@@ -195,3 +195,42 @@ def test_a_resumed_run_ends_with_the_same_counts():
     assert np.array_equal(full.counts.samples, rest.counts.samples)
     assert np.array_equal(full.counts.passes, rest.counts.passes)
     assert full.counts.samples.sum() == 30_000
+
+
+def test_the_per_cell_cap_is_part_of_the_decision():
+    """Under a cap no cell is given more than its headroom, and what a full cell cannot take goes
+    to the next-best cells: the round is spent in full while informative cells have room, only
+    on informative cells (the hopeless sizes get nothing even when the rest is full), and is
+    empty once every informative cell is at the cap. A cap that never binds changes nothing."""
+    p = emergent_truth(1)
+    n = np.tile(np.array([10**5] * 3 + [10**6, 10**7, 10**7]), (20, 1))
+    counts = SeriesCounts(FIT, np.random.default_rng(1).binomial(n, p[:, :-1]), n)
+    design = SequentialDesign(TARGET, total_budget=10**10, first_round=10**4)
+    budget = design.round_budget(int(n.sum()))
+    free = next_round(counts, design, seed=0)
+    assert np.array_equal(free, next_round(counts, design, seed=0, cap=10**12))
+    assert free.sum() == budget and free.max() > 2 * 10**7  # uncapped: over 2e7 more in some cell
+    capped = next_round(counts, design, seed=0, cap=2 * 10**7)
+    assert (capped <= 2 * 10**7 - n).all() and capped.sum() == budget  # redistributed, not lost
+    tight = next_round(counts, design, seed=0, cap=10**7 + 10**5)
+    assert (tight <= 10**7 + 10**5 - n).all() and 0 < tight.sum() < budget / 5
+    assert tight[:, :3].sum() == 0  # the hopeless sizes (true PU < 1e-20) are not filled up instead
+    full = n.copy()
+    full[:, 3:] = 10**7  # every informative cell at the cap; the hopeless ones still have room
+    at_cap = SeriesCounts(FIT, counts.passes, full)
+    assert not next_round(at_cap, design, seed=0, cap=10**7).any()
+    assert not next_round(counts, design, seed=0, cap=10**5).any()  # no room anywhere
+
+
+def test_the_cold_start_keeps_within_the_cap():
+    """The pilot spreads what the cap allows (1 per cell here, the rest of the round unspent);
+    a later cold round whose largest size is full goes to the next sizes down."""
+    zero = np.zeros((4, 6), dtype=np.int64)
+    design = SequentialDesign(TARGET, total_budget=10**5, first_round=2400)
+    pilot = next_round(SeriesCounts(FIT, zero, zero), design, seed=0, cap=1)
+    assert (pilot == 1).all()
+    samples = np.full((4, 6), 10, dtype=np.int64)
+    samples[:, -1] = 50  # the largest fitted size is at the cap of 50
+    cold = next_round(SeriesCounts(FIT, zero, samples), design, seed=0, cap=50)
+    assert cold[:, -1].sum() == 0 and cold.max() <= 40 and cold.sum() == 4 * 40 * 5
+    assert cold[:, -2].sum() == cold[:, -3].sum() == 160  # the two largest sizes with room first

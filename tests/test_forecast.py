@@ -219,7 +219,9 @@ def test_pass_at_k_profile_from_the_per_instance_forecasts():
     ks = [q.k for q in record.pass_at_k]
     assert ks == list(PASS_AT_K_GRID) and ks[0] == 1 and ks[-1] == 10**6
     means = [q.mean for q in record.pass_at_k]
-    assert means[0] == pytest.approx(record.point) and np.all(np.diff(means) >= 0)
+    assert np.all(np.diff(means) >= 0)
+    assert record.low <= means[0] <= record.high  # pass@1 is the mean PU: its posterior mean (the
+    # point may be the posterior median of the same draws, task_law.TaskFit.forecast)
     assert all(0 <= q.low <= q.high <= 1 and 0 <= q.mean <= 1 for q in record.pass_at_k)
     assert all(q.low <= q.mean <= q.high for q in record.pass_at_k if q.k <= 100)  # (beyond: all ~1)
     # the same draws that give the interval: recomputed from the fit, k = 100
@@ -227,6 +229,7 @@ def test_pass_at_k_profile_from_the_per_instance_forecasts():
     per = fit.instance_draws(N[-1])
     assert pass_at_k_profile(fit, N[-1], ks=(100,))[0].mean == pytest.approx(
         (1 - (1 - per) ** 100).mean(axis=1).mean())
+    assert means[0] == pytest.approx(per.mean())  # k = 1: the posterior mean of the mean PU
     # the truth's pass@100 (the simulated laws at the target) lies in the interval
     truth = (1 - (1 - p[:, -1]) ** 100).mean()
     q100 = pass_at_k_profile(fit, N[-1], ks=(100,))[0]
@@ -267,3 +270,34 @@ def test_schema_2_files_are_still_read_verified_and_scored(tmp_path):
     d["forecast"]["test_set"]["low"] = 0.0
     with pytest.raises(UserError, match="edited after it was made"):
         ForecastRecord.from_dict(d, source="old.json")
+
+
+def test_backtest_compares_a_partly_sampled_size_on_its_sampled_instances():
+    """A design leaves the hopeless cells of a size empty: here the 8 instances with the lowest
+    true p at 0.5B have no samples there (binomial counts, 2,000 per other cell). The held-out
+    row covers the 12 sampled instances alone: observed is their mean k/n, and the forecast is of
+    their mean, close to their true mean (0.264) rather than to the mean over all 20 (0.182), which
+    the full data's backtest forecasts. A size with no samples at all is not scored."""
+    from passuntil.scaling.data import SeriesCounts
+    from passuntil.scaling.forecast import _over
+
+    _, p = simulated_series(np.random.default_rng(0), budget=10)
+    n = np.full(p.shape, 2000)
+    k = np.random.default_rng([0, 1]).binomial(n, p)
+    drop = np.argsort(p[:, 3])[:8]
+    keep = np.setdiff1d(np.arange(20), drop)
+    k2, n2 = k.copy(), n.copy()
+    k2[drop, 3] = n2[drop, 3] = 0
+    row = {r["n_params"]: r for r in backtest(SeriesCounts(N, k2, n2, 2000))}[N[3]]
+    full = {r["n_params"]: r for r in backtest(SeriesCounts(N, k, n, 2000))}[N[3]]
+    truth, everyone = p[keep, 3].mean(), p[:, 3].mean()
+    assert (row["instances"], row["of"], full["instances"]) == (12, 20, 20)
+    assert row["observed"] == pytest.approx((k[keep, 3] / 2000).mean())
+    assert abs(np.log(row["point"] / truth)) < 0.03 < abs(np.log(everyone / truth)) / 10
+    assert row["low"] <= row["point"] <= row["high"] and row["covered"]
+    assert abs(np.log(full["point"] / everyone)) < 0.03
+    fit = fit_likelihood(SeriesCounts(N, k2, n2, 2000).select_models([0, 1, 2, 4, 5, 6]))
+    f = fit.forecast(N[3], level=0.9)  # over every instance: the restriction keeps its rule
+    assert _over(f, fit.instance_draws(N[3], seed=0), np.ones(20, bool), 0.9) == pytest.approx((f.point, f.low, f.high), rel=1e-12)
+    k2[:, 3] = n2[:, 3] = 0
+    assert N[3] not in {r["n_params"] for r in backtest(SeriesCounts(N, k2, n2, 2000))}

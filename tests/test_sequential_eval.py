@@ -303,3 +303,105 @@ def test_design_options_need_the_design_and_resume_keeps_them(tmp_path, capsys):
     assert run_cli(capsys, "eval", *plain)[0] == 0
     code, _, err = run_cli(capsys, "eval", "--store", str(store), "--run", "p", "--resume", "--target-n", "1e9")
     assert code == 2 and "was made with --design passuntil, not forecast" in err
+
+
+def test_the_design_keeps_within_the_per_cell_cap_and_spends_the_budget(tmp_path, capsys):
+    """--max-samples 600 under a budget of 30,000 that the uncapped design (above) spends with
+    over 15,000 on 1.5B's 20 cells: no cell passes the cap, every round spends its whole budget
+    (what a full cell cannot take goes to the next-best cells instead of being lost), and the run
+    stops by budget, not by the cap."""
+    from passuntil.sequential import DesignSettings
+
+    store = tmp_path / "cap.sqlite"
+    code, out, err = _design(capsys, store, "c", "--total-budget", "3e4", "--round-size", "3000",
+                             "--max-samples", "600")
+    assert code == 0, err
+    df = _table(store, "c")
+    assert df["samples"].max() == 600 and (df["samples"] == 600).sum() >= 10  # the cap binds
+    assert df["samples"].sum() == 30_000 and "stopped by budget" in out
+    rounds, results, config = _log(store, "c")
+    assert results["sim-scaling"]["reason"] == "budget" and config["engine"]["max_samples"] == 600
+    design = DesignSettings.from_dict(config["design"]).design()
+    assert [r["samples"] for r in rounds] == [design.round_budget(r["spent"]) for r in rounds]
+    assert all(n <= 600 for r in rounds for t in r["targets"].values() for n in t.values())
+
+
+def test_a_design_whose_informative_cells_are_full_stops_by_the_cap(tmp_path, capsys):
+    """A cap of 100 per cell and a budget of 100,000 that the 120 cells cannot take: every round
+    but the last spends its whole round budget, the cells fill up to the cap (on `sim-scaling`
+    every size informs the forecast; that hopeless cells are not filled instead is
+    tests/test_design.py), and the run stops by the cap and says so, with the budget left; the
+    design's own next decision on the final counts is empty. (Before the design knew the cap,
+    this run took 111 rounds and stopped by cap after 10,586 samples with cells below the cap.)"""
+    from passuntil.design_runner import series_counts
+    from passuntil.runspec import RunSpec
+    from passuntil.scaling.design import next_round
+    from passuntil.sequential import DesignSettings
+
+    store = tmp_path / "full.sqlite"
+    code, out, err = _design(capsys, store, "f", "--total-budget", "1e5", "--round-size", "2000",
+                             "--max-samples", "100")
+    assert code == 0, err
+    rounds, results, config = _log(store, "f")
+    res = results["sim-scaling"]
+    assert res["reason"] == "cap" and res["spent"] == 12_000 and (_table(store, "f")["samples"] == 100).all()
+    assert "stopped by cap (every cell that could still inform the forecast is at the per-cell cap, " \
+           "--max-samples 100, 88,000 of the budget left)" in out
+    design = DesignSettings.from_dict(config["design"]).design()
+    assert [r["samples"] for r in rounds[:-1]] == [design.round_budget(r["spent"]) for r in rounds[:-1]]
+    st = Store(store, create=False)
+    spec = RunSpec.from_store(st, "f")
+    counts = series_counts({m.name: st.counts("f", m.name) for m in spec.models}, spec.models,
+                           spec.load_tasks()[0])
+    assert not next_round(counts, design, seed=spec.engine.seed, cap=100).any()
+
+
+def _table_rows(out: str) -> dict[str, list[str]]:
+    """The rows of a printed table, by their first cell."""
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
+    return {r[0]: r for r in rows}
+
+
+def test_show_and_backtest_compare_like_with_like_where_a_design_left_cells_empty(tmp_path, capsys):
+    """Rounds from 60 samples over 120 cells: the pilot reaches half of them and later rounds go
+    where the forecast gains, so some sizes have samples of only some instances. `show` says, per
+    such size, how many instances its mean covers of how many; `backtest` compares a held-out size
+    on the instances sampled there: its observed mean (k/n), the exact mean (the simulated truth)
+    and the forecast all cover the same instances (the forecast's interval holds the mean of the
+    per-instance forecasts `forecast --target-model` gives for them; its point is not that
+    command's forecast of all 20). (The backtest used to count an unsampled instance as PU 0 in
+    "observed" and forecast the mean over all of them.)"""
+    store = tmp_path / "cov.sqlite"
+    code, _, err = _design(capsys, store, "cov", "--total-budget", "3000", "--round-size", "60")
+    assert code == 0, err
+    assert run_cli(capsys, "export", str(store), "--run", "cov", "--out", str(tmp_path / "cov.csv"))[0] == 0
+    df = pd.read_csv(tmp_path / "cov.csv", dtype={"instance_id": str})
+    sizes = df.groupby("model")["n_params"].first().sort_values()
+    per = df.groupby("model")["instance_id"].nunique()[sizes.index]
+    partial = [m for m in sizes.index if per[m] < 20]
+    assert partial and set(per[sizes.index[-1]:]) == {20}
+    code, shown, err = run_cli(capsys, "show", str(store), "--run", "cov")
+    assert code == 0, err
+    assert "not every instance has samples at every size (" + ", ".join(f"{m}: {per[m]} of 20" for m in partial) \
+        + "): `show`'s mean PU at such a size is over the instances sampled there only" in shown
+    code, out, err = run_cli(capsys, "backtest", str(store), "--run", "cov", "--task", "sim-scaling")
+    assert code == 0, err
+    rows = _table_rows(out)
+    held = [m for m in partial if m != sizes.index[0]]  # the smallest size is never held out
+    assert held
+    for m in held:
+        g = df[df["model"] == m]
+        row = rows[m]
+        assert row[3] == f"{(g['passes'] / g['samples']).mean():.4g}"  # observed: the sampled instances
+        assert row[6] == f"exact p {g['exact_p'].mean():.4g}"
+        f = tmp_path / f"{m}.json"
+        assert run_cli(capsys, "forecast", str(store), "--run", "cov", "--task", "sim-scaling",
+                       "--target-model", m, "--out", str(f))[0] == 0
+        record = json.loads(f.read_text())
+        ids = record["data"]["instance_ids"]
+        assert sorted(ids) == sorted(df["instance_id"].unique())  # the instances of the backtest's fit
+        point = dict(zip(ids, record["forecast"]["instances"]["point"], strict=True))
+        low, high = (float(v) for v in row[5].strip("[]").split(","))
+        assert low <= float(row[4]) <= high
+        assert low <= np.mean([point[i] for i in g["instance_id"]]) <= high  # those instances' forecasts
+        assert row[4] != f"{record['forecast']['point']:.4g}"  # not the forecast of all 20

@@ -5,8 +5,10 @@ budget; the tasks share the round so every model's sampler serves all of them at
 
 1. build the task's `SeriesCounts` from the store and ask `scaling.design.target_interval`
    whether to stop (interval as narrow as asked, or the task's budget spent);
-2. otherwise `scaling.design.next_round` decides each (instance, model) cell's quota; the
-   round's decisions (per cell: the count to reach) are recorded in the run *before* sampling;
+2. otherwise `scaling.design.next_round` decides each (instance, model) cell's quota, within
+   the cell's headroom under `--max-samples` (a task whose informative cells are all at the cap
+   stops "by cap"); the round's decisions (per cell: the count to reach) are recorded in the run
+   *before* sampling;
 3. each model's sampler draws its cells up to their counts through the engine
    (`engine.run_quotas`: sample j of a cell is draw j of its seed stream, no K-stop, the
    per-cell cap `--max-samples` holds), one store transaction per engine batch, by the store's
@@ -34,9 +36,11 @@ from passuntil.sequential import (
     DesignSettings,
     append_rounds,
     as_analysed,
+    coverage_line,
     design_log,
     record_result,
     result_line,
+    sampled_instances,
     series_counts,
 )
 from passuntil.series import open_sampler
@@ -155,7 +159,8 @@ class DesignRunner:
                 self._sample(store, run_id, spec, tasks, cells, entries, tally)
             for m in spec.models:
                 notes += self._finish_model(store, run_id, spec, cells, m.name, tally)
-        notes += [result_line(t, res, settings) for t, res in results.items()]
+        notes += [line for t, res in results.items()
+                  for line in (result_line(t, res, settings), coverage_line(t, res)) if line]
         outcome = stored_outcome(store, run_id, spec, tasks=tasks, samples=tally.samples, notes=notes)
         return RunOutcome(outcome.results, outcome.samples, outcome.notes, outcome.exact, mode="forecast")
 
@@ -186,8 +191,9 @@ def _set_round(progress, r: int) -> None:
 
 def _decide_round(store, run_id: str, spec: RunSpec, tasks, r: int, results: dict, settings) -> list[dict]:
     """Round r's decisions, one entry per task that goes on; a task that stops (interval narrow
-    enough, budget spent, every chosen cell at the cap, or past `MAX_ROUNDS`) is recorded in
-    `results` and in the run instead."""
+    enough, budget spent, every informative cell at the cap, or past `MAX_ROUNDS`) is recorded in
+    `results` and in the run instead, with how many instances each size has samples of (a note
+    where some have none: `coverage_line`)."""
     from passuntil.scaling.design import target_interval
 
     design, seed = settings.design(), spec.engine.seed
@@ -205,21 +211,23 @@ def _decide_round(store, run_id: str, spec: RunSpec, tasks, r: int, results: dic
             continue
         reason = verdict.reason or ("max-rounds" if r > MAX_ROUNDS else
                                     "budget" if design.round_budget(spent) == 0 else "cap")
-        results[task.name] = {"rounds": r - 1, "spent": spent, "reason": reason, "interval": verdict.to_dict()}
+        results[task.name] = {"rounds": r - 1, "spent": spent, "reason": reason, "interval": verdict.to_dict(),
+                              "cap": spec.engine.max_samples, "sampled": sampled_instances(counts)}
         record_result(store, run_id, task.name, results[task.name])
-        add_note(store, run_id, model="*", stage=STAGE, text=result_line(task.name, results[task.name], settings))
+        for line in (result_line(task.name, results[task.name], settings), coverage_line(task.name, results[task.name])):
+            if line:
+                add_note(store, run_id, model="*", stage=STAGE, text=line)
     return entries
 
 
 def _decide(counts, design, seed: int, cap: int) -> dict | None:
     """The round's decision for one task: samples per model and, per cell with a quota, the count
-    to reach (capped); None when there is nothing to sample (budget spent, or every chosen cell
-    at the cap)."""
+    to reach (the design keeps each cell within the cap); None when there is nothing to sample
+    (budget spent, or every cell that could still inform the forecast at the cap)."""
     from passuntil.scaling.design import next_round
 
-    quota = next_round(counts, design, seed=seed)
+    quota = next_round(counts, design, seed=seed, cap=cap)  # within each cell's headroom
     goal = counts.samples + quota
-    goal[goal > cap] = cap
     grow = goal > counts.samples
     if not grow.any():
         return None

@@ -174,17 +174,19 @@ def series_counts(stored: Mapping[str, Mapping], models: Sequence, task):
 
 def as_analysed(counts):
     """`counts` as the analysis reads the run (`analysis.task_counts`, which `forecast` uses):
-    only the models with samples of the task, instances in id order. The design's stop and its
-    recorded interval are computed on these, so they are the numbers `forecast` reports; a model
-    never sampled would otherwise stay in the fit as a size without data and shift the interval
-    (it narrowed ±0.24 to ±0.165 on `sim-scaling --limit 2 --round-size 4`). The full counts
-    (every model) stay what the next round is decided on. Fewer than two sampled models: the
-    full counts (there is no slope to fit either way)."""
+    only the models with samples of the task and the instances with samples at some size, in id
+    order. The design's stop and its recorded interval are computed on these, so they are the
+    numbers `forecast` reports, over the same instances; a model never sampled would otherwise
+    stay in the fit as a size without data and shift the interval (it narrowed ±0.24 to ±0.165
+    on `sim-scaling --limit 2 --round-size 4`). The full counts (every model and instance) stay
+    what the next round is decided on. Fewer than two sampled models: the full counts (there is
+    no slope to fit either way)."""
     sampled = counts.samples.sum(axis=0) > 0
     if sampled.sum() < 2:
         return counts
     view = counts.select_models(sampled)
-    return view.select_instances(np.argsort(np.array(view.instance_ids, dtype=object), kind="stable"))
+    seen = np.flatnonzero(view.samples.sum(axis=1) > 0)
+    return view.select_instances(seen[np.argsort(np.array(view.instance_ids, dtype=object)[seen], kind="stable")])
 
 
 # the design log in the run's stored configuration ------------------------------------------------
@@ -239,12 +241,53 @@ def design_log(store, run_id: str) -> tuple[list[dict], dict[str, dict]]:
 
 
 def result_line(task: str, result: Mapping, settings: DesignSettings) -> str:
-    """One line: how a task's design ended."""
+    """One line: how a task's design ended. A stop by the cap says so: the width and budget were
+    not reached, and every cell that could still inform the forecast is at `--max-samples`."""
     iv = result.get("interval") or {}
     hw = iv.get("log_halfwidth")
     where = f"N = {settings.target_n:.3g}" + (f" ({settings.target_model})" if settings.target_model else "")
     rounds = result["rounds"]
+    reason = result["reason"]
+    if reason == "cap":
+        left = f", {settings.total_budget - result['spent']:,} of the budget left" if settings.total_budget else ""
+        cap = f" {result['cap']:,}" if result.get("cap") else ""
+        width = f"; the width ±{settings.halfwidth:g} was not reached" if settings.halfwidth else ""
+        reason = (f"cap (every cell that could still inform the forecast is at the per-cell cap, "
+                  f"--max-samples{cap}{left}{width})")
     return (f"design {task}: {rounds} round{'s' * (rounds != 1)}, {result['spent']:,} samples, stopped by "
-            f"{result['reason']}; mean PU over these instances at {where}: {iv.get('point', 0):.4g} "
+            f"{reason}; mean PU over these instances at {where}: {iv.get('point', 0):.4g} "
             f"[{iv.get('low', 0):.4g}, {iv.get('high', 1):.4g}] ({settings.level:.0%}, "
             + (f"±{hw:.3g} in log)" if hw is not None else "no passes yet)"))
+
+
+def sampled_instances(counts) -> dict:
+    """How many of a task's instances have samples at each size (`counts`: every model of the
+    run), and at any size: recorded with the task's outcome for `coverage_line`."""
+    sampled = counts.samples > 0
+    return {"instances": int(sampled.shape[0]), "any": int(sampled.any(axis=1).sum()),
+            "by_model": {m: int(sampled[:, j].sum()) for j, m in enumerate(counts.models)}}
+
+
+def coverage_line(task: str, result: Mapping) -> str | None:
+    """One line where a design left some (model, instance) cells unsampled (hopeless cells,
+    cells no round chose): `show`'s mean PU at such a size is the mean over the instances sampled
+    there only, not comparable with a forecast of the mean over all of them; `backtest` scores a
+    held-out size on the instances sampled there (docs/sequential.md). None: every cell sampled."""
+    cov = result.get("sampled")
+    if not cov:
+        return None
+    total = cov["any"]  # the instances the analysis reads: those with samples at some size
+    short = {m: n for m, n in cov["by_model"].items() if n < total}
+    never = cov["instances"] - total
+    if not short and not never:
+        return None
+    parts = []
+    if short:
+        parts.append("not every instance has samples at every size (" + ", ".join(
+            f"{m}: {n} of {total}" for m, n in short.items()) + f"): `show`'s mean PU at such a size is over the "
+            f"instances sampled there only, not the mean over all {total} that a forecast is of; `backtest` "
+            "compares a held-out size on the instances sampled there")
+    if never:
+        parts.append(f"{never} of {cov['instances']} instances were never sampled and are in no analysis "
+                     "(nor in the forecast)")
+    return f"design {task}: " + "; ".join(parts)

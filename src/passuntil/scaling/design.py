@@ -20,6 +20,13 @@ any slope: the first round goes evenly to every cell (a pilot), later ones to th
 fitted sizes, where passes come first (see `_cold_start`). A share `spread` of every fitted
 round goes to the cells in proportion to their information per sample (see `allocate`).
 
+A per-cell cap (`next_round(..., cap=)`, the engine's `--max-samples`) is part of the decision:
+a cell gets at most its headroom (cap - samples so far), and what a full cell cannot take goes
+to the next-best cells. A fitted round spends only on informative cells (spending the whole
+round on the cell could lower the variance of log(target mean) by at least `MIN_GAIN` of
+itself), so a round can come out smaller than its budget, or empty: every informative cell is
+at its cap, and the run stops by the cap rather than by budget or width.
+
 Everything is a deterministic function of the counts and the seed: the round's random stream is
 `default_rng([seed, total samples so far])`, so a resumed or sharded run that has the same
 counts makes the same decision. `run_sequential` is the loop (for simulations and tests); an
@@ -36,6 +43,8 @@ import numpy as np
 from passuntil.errors import UserError
 from passuntil.scaling.data import SeriesCounts
 from passuntil.scaling.task_law import F_MAX, F_MIN, fit_likelihood, law_p
+
+MIN_GAIN = 1e-6  # a cell is informative if the whole round there could lower var(log target) by this share
 
 
 @dataclass(frozen=True)
@@ -138,41 +147,81 @@ def _identified(counts: SeriesCounts, min_passes: int) -> bool:
     return int((counts.passes.sum(axis=0) >= min_passes).sum()) >= 2
 
 
-def _cold_start(counts: SeriesCounts, budget: int) -> np.ndarray:
+def _fill(total: int, room: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Non-negative integers <= `room` (1-d) summing to min(total, room.sum()): evenly (`_split`)
+    or, with `weights`, in proportion to them (the remainder of the floors to the largest weight)
+    over the cells with room and positive weight; what a full cell cannot take goes round again
+    to the others (water-filling). With room everywhere it is one even or proportional split."""
+    room = np.asarray(room, dtype=np.int64)
+    w = np.ones(room.shape) if weights is None else np.asarray(weights, dtype=float)
+    out = np.zeros(room.shape, dtype=np.int64)
+    left = int(total)
+    while left > 0:
+        open_ = (room - out > 0) & (w > 0)
+        if not open_.any():
+            break
+        if weights is None:
+            share = _split(left, int(open_.sum()))
+        else:
+            ww = w[open_]
+            share = np.floor(left * ww / ww.sum()).astype(np.int64)
+            share[np.argmax(ww)] += left - share.sum()
+        take = np.minimum(share, (room - out)[open_])
+        out[open_] += take
+        left -= int(take.sum())
+    return out
+
+
+def _cold_start(counts: SeriesCounts, budget: int, room: np.ndarray | None = None) -> np.ndarray:
     """A first round (nothing sampled yet) goes evenly to every cell. Until two sizes have
     passes, half of a round goes to the largest fitted size (evenly over instances) and half to
     the next, in proportion to each instance's passes at the largest size plus one (instances
-    that pass most there are the first to pass one size down)."""
-    quota = np.zeros(counts.samples.shape, dtype=np.int64)
+    that pass most there are the first to pass one size down). Under a cap (`room`: each cell's
+    headroom) the two largest sizes with room are used, and what their cells cannot take goes
+    to the next sizes down, evenly (passes come first at the larger sizes)."""
+    shape = counts.samples.shape
+    room = np.full(shape, budget, dtype=np.int64) if room is None else np.asarray(room, dtype=np.int64)
+    quota = np.zeros(shape, dtype=np.int64)
     if not counts.samples.any():
-        quota.ravel()[:] = _split(budget, quota.size)
+        return _fill(budget, room.ravel()).reshape(shape)
+    sizes = [int(j) for j in np.argsort(counts.n_params) if room[:, j].any()]  # ascending N, with room
+    if not sizes:
         return quota
-    order = np.argsort(counts.n_params)
-    if order.size == 1:
-        quota[:, 0] = _split(budget, quota.shape[0])
-        return quota
-    top, nxt = order[-1], order[-2]
-    half = budget // 2
-    quota[:, top] = _split(budget - half, quota.shape[0])
-    w = counts.passes[:, top] + 1.0
-    share = np.floor(half * w / w.sum()).astype(np.int64)
-    share[np.argmax(w)] += half - share.sum()
-    quota[:, nxt] = share
+    top = sizes[-1]
+    if len(sizes) == 1:
+        quota[:, top] = _fill(budget, room[:, top])
+    else:
+        nxt, half = sizes[-2], budget // 2
+        quota[:, top] = _fill(budget - half, room[:, top])
+        quota[:, nxt] = _fill(half, room[:, nxt], counts.passes[:, top] + 1.0)
+    for j in reversed(sizes):  # only under a cap: the rest to the largest sizes that can take it
+        left = budget - int(quota.sum())
+        if left <= 0:
+            break
+        quota[:, j] += _fill(left, room[:, j] - quota[:, j])
     return quota
 
 
 def allocate(counts: SeriesCounts, *, target_n: float, budget: int, seed: int, draws: int = 200,
-             chunks: int = 64, spread: float = 0.2) -> np.ndarray:
-    """(I, M) samples for one round of `budget`, by expected variance reduction per sample.
+             chunks: int = 64, spread: float = 0.2, room: np.ndarray | None = None) -> np.ndarray:
+    """(I, M) samples for one round of at most `budget`, by expected variance reduction per sample.
 
     See the module docstring. A share `spread` of the round first goes to the cells in
     proportion to their information per sample averaged over the draws (hopeless cells get
     next to nothing): a defence against a posterior that is sure of itself too early (the
-    pooled prior shrinks instances with little data). Cells neither part picks get 0."""
+    pooled prior shrinks instances with little data). Cells neither part picks get 0.
+
+    `room` (I, M): each cell's headroom under the per-cell cap (None: no cap). No cell gets
+    more; a chunk a cell cannot take whole is cut to its room, chunks are compared by gain per
+    sample, and the rest of a cut chunk goes to the next-best cell. Only informative cells are
+    chosen (the whole round there would lower var(log target) by at least `MIN_GAIN` of it), so
+    the round is smaller than `budget` when the informative cells run out of room."""
     fit = fit_likelihood(counts)
     rng_seed = int(np.random.default_rng([seed, int(counts.samples.sum())]).integers(2**62))
     theta = fit.parameter_draws(draws=draws, seed=rng_seed, resample_instances=False)  # (B, I, 2)
     J, js = _design_matrix(counts, fit.x0, target_n)
+    room = np.full(counts.samples.shape, budget, dtype=np.int64) if room is None \
+        else np.asarray(room, dtype=np.int64)
     prec = np.linalg.inv(np.asarray(fit.extra["prior_cov"]))
     f = np.clip(theta @ J.T, F_MIN, F_MAX)  # (B, I, M)
     u = np.exp(f)
@@ -182,18 +231,29 @@ def allocate(counts: SeriesCounts, *, target_n: float, budget: int, seed: int, d
     ps = law_p(fs)
     mean = ps.mean(axis=1, keepdims=True)  # (B, 1)
     g = (-ps * np.exp(fs) / (ps.shape[1] * np.maximum(mean, 1e-300)))[..., None] * js  # (B, I, 2) dlogT/dtheta
+    floor = MIN_GAIN * float(np.einsum("bij,bijk,bik->b", g, np.linalg.inv(H), g).mean()) / budget
     info = e.mean(axis=0)  # (I, M)
     even = int(spread * budget)
     quota = np.floor(even * info / max(info.sum(), 1e-300)).astype(np.int64)
+    quota = np.minimum(quota, room)  # a capped cell's share is not handed on: the greedy part gets it
     even = int(quota.sum())
     H = H + np.einsum("bim,im,mj,mk->bijk", e, quota.astype(float), J, J)
     S = np.linalg.inv(H)
     sJ = np.einsum("bijk,mk->bimj", S, J)  # (B, I, M, 2) S J_m
     gsj = np.einsum("bij,bimj->bim", g, sJ)  # g' S J_m
     jsj = np.einsum("mj,bimj->bim", J, sJ)  # J_m' S J_m
-    for step in _split(budget - even, min(chunks, budget - even)):
-        gain = (step * e * gsj**2 / (1 + step * e * jsj)).mean(axis=0)  # (I, M)
-        i, m = np.unravel_index(np.argmax(gain), gain.shape)
+    steps = list(_split(budget - even, min(chunks, budget - even))) if budget > even else []
+    carry = 0
+    while steps or carry:
+        amount = carry + (int(steps.pop(0)) if steps else 0)
+        take = np.minimum(amount, room - quota)  # (I, M) what each cell can take of this chunk
+        gain = (take * e * gsj**2 / (1 + take * e * jsj)).mean(axis=0) / np.maximum(take, 1)  # per sample
+        ok = (take > 0) & (gain >= floor)
+        if not ok.any():
+            break  # every informative cell is full
+        i, m = np.unravel_index(np.argmax(np.where(ok, gain, -np.inf)), gain.shape)
+        step = int(take[i, m])
+        carry = amount - step
         quota[i, m] += step
         v = sJ[:, i, m]  # (B, 2)
         c = step * e[:, i, m] / (1 + step * e[:, i, m] * jsj[:, i, m])
@@ -204,24 +264,28 @@ def allocate(counts: SeriesCounts, *, target_n: float, budget: int, seed: int, d
     return quota
 
 
-def next_round(counts: SeriesCounts, design: SequentialDesign, *, seed: int) -> np.ndarray:
-    """(I, M) samples each cell gets in the next round (all zero once the budget is spent)."""
+def next_round(counts: SeriesCounts, design: SequentialDesign, *, seed: int, cap: int | None = None
+               ) -> np.ndarray:
+    """(I, M) samples each cell gets in the next round: all zero once the budget is spent, or
+    once every cell that could still inform the forecast is at the per-cell `cap` (None: no cap);
+    no cell is given more than its headroom under the cap."""
     if counts.n_params.size < 2:
         raise UserError("a sequential design needs at least two fitted model sizes (a slope)")
     budget = design.round_budget(int(counts.samples.sum()))
-    if budget <= 0:
+    room = None if cap is None else np.maximum(int(cap) - counts.samples, 0)
+    if budget <= 0 or (room is not None and not room.any()):
         return np.zeros(counts.samples.shape, dtype=np.int64)
     if not _identified(counts, design.min_passes):
-        return _cold_start(counts, budget)
+        return _cold_start(counts, budget, room)
     return allocate(counts, target_n=design.target_n, budget=budget, seed=seed, draws=design.draws,
-                    chunks=design.chunks, spread=design.spread)
+                    chunks=design.chunks, spread=design.spread, room=room)
 
 
 def target_interval(counts: SeriesCounts, design: SequentialDesign, *, seed: int = 0) -> TargetInterval:
     """The mean PU over these instances at the target and whether the run should stop.
 
     Point and interval are exactly `fit_likelihood(counts).forecast(target_n, level, seed)`'s
-    point and "these instances" interval (posterior mean; exact-posterior draws with the prior
+    point and "these instances" interval (posterior median of the draws; exact-posterior draws with the prior
     mean's uncertainty and lack-of-fit widening; no instance resampling): the interval the run
     stops on is the one the user is shown and scoring uses. Its coverage at the stopping point,
     by width and by budget, is measured in docs/statistics.md (benchmarks/calibration.py
@@ -253,16 +317,18 @@ class SequentialRun:
 
 
 def run_sequential(counts: SeriesCounts, design: SequentialDesign, sample: Sampler, *, seed: int,
-                   max_rounds: int = 200, on_round: Callable[[SeriesCounts], None] | None = None) -> SequentialRun:
-    """Round after round: quota = next_round(...), (passes, samples) = sample(quota), until the
-    interval is narrow enough or the budget is spent. `sample(quota)` returns the passes and
-    samples the cells gained (samples may fall short of the quota, e.g. a cell that is closed)."""
+                   max_rounds: int = 200, on_round: Callable[[SeriesCounts], None] | None = None,
+                   cap: int | None = None) -> SequentialRun:
+    """Round after round: quota = next_round(..., cap=cap), (passes, samples) = sample(quota),
+    until the interval is narrow enough, the budget is spent or every informative cell is at the
+    per-cell `cap`. `sample(quota)` returns the passes and samples the cells gained (samples may
+    fall short of the quota, e.g. a cell that is closed)."""
     quotas = []
     for _ in range(max_rounds):
         verdict = target_interval(counts, design, seed=seed) if design.halfwidth is not None else None
         if verdict is not None and verdict.stop:
             break
-        quota = next_round(counts, design, seed=seed)
+        quota = next_round(counts, design, seed=seed, cap=cap)
         if not quota.any():
             break
         k, n = sample(quota)

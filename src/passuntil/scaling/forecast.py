@@ -10,7 +10,8 @@ refused with that module's "all-zero" line (no law, no forecast). The file's SHA
 all of it. `write_forecast` never overwrites an existing file: a pre-registration is made once.
 `read_forecast` refuses a file edited after it was made; `record.score(...)` scores it.
 `backtest` holds out the largest size (and each inner size in turn) and scores each held-out
-size's cells with `scaling.scoring.score_cells` (exact probabilities where the store has them).
+size's cells with `scaling.scoring.score_cells` (exact probabilities where the store has them),
+on the instances sampled at that size (forecast and observed mean alike).
 """
 
 from __future__ import annotations
@@ -184,33 +185,56 @@ def backtest(counts: SeriesCounts, *, method: str = "likelihood", level: float =
     cells are scored by `score_cells`'s rule (row "covered" = its `inside`, with "z" and "against"):
     against the mean exact probability where `exact_p` (instances x sizes, NaN: unknown) holds
     every instance of that size, else by the cells' own likelihood. "observed" (the mean
-    unbiased PU) and the forecast's "these instances" interval are reported beside it."""
+    unbiased PU) and the forecast's "these instances" interval are reported beside it.
+
+    Like with like: a held-out size where some instances have no samples (a sequential design
+    leaves hopeless or never-chosen cells empty) is compared on the instances sampled there only:
+    "observed", "exact", the score and the forecast ("point", "low", "high": the mean over those
+    instances of the fit's per-instance draws) all cover the same "instances" of "of". A size
+    with no samples at all is skipped (nothing to compare)."""
     check_forecast_options(method=method, level=level)
     m = counts.n_params.size
     exact = None if exact_p is None else np.asarray(exact_p, dtype=float)
     rows = []
     for held in range(m - 1, 0, -1):
         keep = np.array([j for j in range(m) if j != held])
-        if keep.size < min_fit_sizes:
+        cells = counts.samples[:, held] > 0
+        if keep.size < min_fit_sizes or not cells.any():
             continue
         try:
             fit = fit_task_law(counts.select_models(keep), method)
         except UserError as err:
             raise UserError(f"without size {counts.models[held] if counts.models else held}: {err}") from None
         f = forecast_at(fit, counts.n_params[held], level=level)
-        observed = float(np.mean(stats.pu_unbiased(counts.passes[:, held], np.maximum(counts.samples[:, held], 1),
+        observed = float(np.mean(stats.pu_unbiased(counts.passes[cells, held], counts.samples[cells, held],
                                                    k_target=counts.k_target)))
-        cells = counts.samples[:, held] > 0
         e = None if exact is None or not np.isfinite(exact[cells, held]).all() else exact[cells, held]
-        per = fit.instance_draws(counts.n_params[held], seed=0)[:, cells]  # = score_cells on the evaluated cells
+        every = fit.instance_draws(counts.n_params[held], seed=0)  # forecast_at's draws (seed 0)
+        per = every[:, cells]  # = score_cells on the evaluated cells
+        point, low, high = (f.point, f.low, f.high) if cells.all() else _over(f, every, cells, level)
         s = score_draws(per, counts.passes[cells, held], counts.samples[cells, held], e, level=level)
         rows.append({"held_out": counts.models[held] if counts.models else held, "method": method,
                      "n_params": float(counts.n_params[held]), "kind": "largest" if held == m - 1 else "inner",
+                     "instances": int(cells.sum()), "of": int(cells.size),
                      "observed": observed, "exact": None if e is None else float(e.mean()),
-                     "point": f.point, "low": f.low, "high": f.high,
-                     "abs_error": abs(f.point - observed), "covered": bool(s.inside),
+                     "point": point, "low": low, "high": high,
+                     "abs_error": abs(point - observed), "covered": bool(s.inside),
                      "z": None if s.z != s.z else float(s.z), "against": s.against})
     return rows
+
+
+def _over(f, every: np.ndarray, cells: np.ndarray, level: float) -> tuple[float, float, float]:
+    """The forecast `f` (of the mean over all instances) restricted to the instances `cells`:
+    the interval from the same per-instance draws `every` (B, I) that `f`'s "these instances"
+    interval comes from, and the point by the same rule as `f.point` — a statistic of those draws
+    (the likelihood fit's posterior median or mean of the mean; which one, read off `f` itself),
+    else the mean of the per-instance points (the other fits' fitted laws)."""
+    these, mine = every.mean(axis=1), every[:, cells].mean(axis=1)
+    low, high = (float(q) for q in np.quantile(mine, [(1 - level) / 2, (1 + level) / 2]))
+    for stat in (np.median, np.mean):
+        if math.isclose(f.point, float(stat(these)), rel_tol=1e-9):
+            return float(stat(mine)), low, high
+    return float(np.mean(np.asarray(f.instance_point)[cells])), low, high
 
 
 def score_forecast(record: ForecastRecord, passes, samples, exact_p=None, **kw) -> ForecastScore:
