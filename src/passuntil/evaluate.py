@@ -79,8 +79,7 @@ def build_spec(*, series: str | None, models: Sequence[str], tasks: Sequence[str
     settings = None
     if design.get("design") == "forecast":
         chosen, settings, cfg = _design_part(series, models, chosen, design, engine)
-    if builtin_series(series) is None:  # a series file: recorded by its absolute path
-        series = str(Path(series).resolve())
+    series = _series_source(series)
     refs, loaded = [], []
     for name in tasks:
         ref = TaskRef(task_source(name))
@@ -95,6 +94,11 @@ def build_spec(*, series: str | None, models: Sequence[str], tasks: Sequence[str
     return RunSpec(tuple(refs), series, tuple(chosen), cfg, sampler_fingerprints(chosen), limit,
                    reference_scores, isolation_mode(loaded), exact,
                    design=None if settings is None else settings.to_dict())
+
+
+def _series_source(series: str) -> str:
+    """What a run records for the series the user named: a built-in name, or a file's absolute path."""
+    return series if builtin_series(series) is not None else str(Path(series).resolve())
 
 
 def _design_part(series: str, models: Sequence[str], chosen: Sequence[ModelSpec], design: Mapping,
@@ -210,6 +214,9 @@ def _resumable(store: Store, run_id: str, *, series, models, tasks, engine, limi
         k, v = next(iter(clash.items()))
         was = stored.get(k, getattr(spec, k, None))
         raise UserError(f"run {run_id!r} was made with {k}={was!r}, not {v!r}; "
+                        "--resume continues a run exactly as it was started")
+    if series is not None and _series_source(series) != spec.series:
+        raise UserError(f"run {run_id!r} was made with series {spec.series!r}, not {series!r}; "
                         "--resume continues a run exactly as it was started")
     sources = [t.source for t in spec.tasks]
     names = [m.name for m in spec.models]

@@ -46,17 +46,28 @@ class ReportData:
     # per exact-match task: did a warning fire before the target, PassUntil vs exact probabilities
     # (`warning_table.warning_comparison`); empty: no such comparison was made
     warnings_before_target: list[dict] = field(default_factory=list)
+    # every run's own rows (run_id, model, task, instance_id, done) before `results` keeps one row
+    # per cell, so the run summary counts what each run holds (None: count `results`)
+    run_rows: pd.DataFrame | None = None
+    no_references: str | None = None  # why the tasks' references could not be read (no metric panel)
 
 
-def _one_row_per_cell(results: pd.DataFrame) -> pd.DataFrame:
+def _one_row_per_cell(results: pd.DataFrame, sampling: dict | None = None) -> pd.DataFrame:
     """One row per (model, task, instance): the last run's, except that a sampled row wins over an
     exact-mode row of the same cell (a demo store holds both; PassUntil's counts are what the
-    figures draw), taking the exact p from it where its own run recorded none."""
+    figures draw), taking the exact p from it where its own run recorded none and, where
+    `sampling` (run -> its sampling settings) is given, the exact run sampled as it did (an exact p
+    at temperature 1 is not the pass probability of a run at 0.5)."""
     key = ["model", "task", "instance_id"]
     exact = results["stopped"] == "exact" if "stopped" in results else pd.Series(False, index=results.index)
     if "exact_p" in results and exact.any():
-        known = results[exact].drop_duplicates(key, keep="last").set_index(key)["exact_p"]
-        filled = pd.Series(known.reindex(pd.MultiIndex.from_frame(results[key])).to_numpy(), index=results.index)
+        setting = (results["run_id"].map(lambda r: repr(sampling.get(r))) if sampling and "run_id" in results
+                   else pd.Series("", index=results.index))
+        with_setting = results.assign(_setting=setting)
+        match = [*key, "_setting"]
+        known = with_setting[exact].drop_duplicates(match, keep="last").set_index(match)["exact_p"]
+        filled = pd.Series(known.reindex(pd.MultiIndex.from_frame(with_setting[match])).to_numpy(),
+                           index=results.index)
         results = results.assign(exact_p=results["exact_p"].fillna(filled))
     order = results.assign(_exact=exact).sort_values("_exact", ascending=False, kind="stable")
     return order.drop_duplicates(key, keep="last").drop(columns="_exact").sort_index()
@@ -70,17 +81,30 @@ def load_report_data(store: Store, run_ids: list[str], forecasts=(), warnings_be
     frames = [f for f in (estimates_table(store, r) for r in run_ids) if not f.empty]
     if not frames:
         raise UserError(f"run(s) {', '.join(run_ids)} hold no results yet: nothing to report")
-    results = _one_row_per_cell(pd.concat(frames, ignore_index=True))
-    comps = pd.concat([store.completions(r) for r in run_ids], ignore_index=True)
+    every = pd.concat(frames, ignore_index=True)
     runs = [store.run_info(r) for r in run_ids]
+    results = _one_row_per_cell(every, {r["run_id"]: _sampling(r["config"]) for r in runs})
+    comps = pd.concat([store.completions(r) for r in run_ids], ignore_index=True)
     k_of = {r["run_id"]: r["config"]["engine"]["k_target"] for r in runs}
     scored = []
     for record in forecasts:
         rows = record.target_rows(results)
         scored.append((record, None if rows is None else
                        record.score_results(results, k_target=k_of[rows["run_id"].iloc[0]])))
-    refs = task_references(store, run_ids) if not comps.empty else {}
-    return ReportData(results, comps, k_of[run_ids[0]], scored, refs, runs, list(warnings_before_target))
+    refs, missing = {}, None
+    if not comps.empty:
+        try:
+            refs = task_references(store, run_ids)
+        except UserError as err:  # a task file moved or edited since: the counts are still reported
+            missing = str(err)
+    return ReportData(results, comps, k_of[run_ids[0]], scored, refs, runs, list(warnings_before_target),
+                      every[["run_id", "model", "task", "instance_id", "done"]], missing)
+
+
+def _sampling(config: dict) -> tuple:
+    """What decides a run's pass probabilities besides the model and instance: its sampling settings."""
+    eng = config.get("engine", {})
+    return tuple(eng.get(k) for k in ("temperature", "top_p", "top_k", "max_tokens"))
 
 
 def _embed(fig, name: str, out_dir: Path) -> str:
@@ -122,7 +146,10 @@ def _settings(info: dict) -> dict:
     design = cfg.get("design")
     k_stop = eng.get("k_target") if not design else (  # a design run records K = the cap: no K-stop
         f"off (sequential design toward N = {design.get('target_n', float('nan')):.3g})")
-    return {"K (passes to stop at)": k_stop, "budget (max samples per instance)": eng.get("max_samples"),
+    budget = eng.get("max_samples")
+    if cfg.get("exact") == "on":  # nothing sampled: K and the budget were never used
+        k_stop = budget = "none: exact pass probabilities, no samples"
+    return {"K (passes to stop at)": k_stop, "budget (max samples per instance)": budget,
             "seed": eng.get("seed"), "temperature": eng.get("temperature"), "top-p": eng.get("top_p"),
             "top-k": eng.get("top_k") or "off", "max new tokens": eng.get("max_tokens") or "the task's",
             "distinct completions stored per instance": eng.get("completions_cap"), "series": cfg.get("series"),
@@ -141,7 +168,8 @@ def run_summary(data: ReportData) -> str:
     models, tasks, notes = [], {}, []
     for info in data.runs:
         cfg, run = info["config"], info["run_id"]
-        res = data.results[data.results["run_id"] == run]
+        every = data.results if data.run_rows is None else data.run_rows
+        res = every[every["run_id"] == run]
         samplers, names = cfg.get("samplers", {}), cfg.get("task_names", {})
         models += [{"model": m["name"], "N (non-embedding)": float(m["n_params"]), "backend": m.get("backend", ""),
                     "path or URL": str(m.get("path") or "–"), "run": run,
@@ -276,13 +304,15 @@ def write_report(data: ReportData, out_dir: Path, *, title: str = "passuntil rep
         figures.insert(3, ("fig_pass_at_k", "Predicted pass@k of each forecast's target model",
                            figs.fig_pass_at_k(data.forecasts)))
     metrics = pd.DataFrame()
-    if not data.completions.empty:
+    if not data.completions.empty and data.no_references is None:
         sizes = res.drop_duplicates("model").set_index("model")["n_params"].to_dict()
         metrics = metric_table(data.completions[data.completions["model"].isin(sizes)], data.references, sizes)
         coverage = 1 - res["overflow"].sum() / max(1, res["samples"].sum())
         figures.append(("metric_choice", "Metric choice: the same samples under each metric",
                         figs.fig_metrics(metrics, list(dict.fromkeys(metrics["task"])), coverage)))
     parts = [run_summary(data), DEFINITIONS]
+    if data.no_references:
+        parts.append(f"<p>No metric-choice panel or metric table: {html.escape(data.no_references)}.</p>")
     for name, heading, (fig, caption) in figures:
         parts.append(f'<figure id="{name}"><h2>{html.escape(heading)}</h2>'
                      f'<img alt="{name}" src="data:image/png;base64,{_embed(fig, name, out_dir)}">'

@@ -130,10 +130,19 @@ def task_source(name: str) -> str:
 
 
 def run_tasks(store, run_ids: str | Sequence[str]) -> dict[str, Task]:
-    """The tasks of one or more runs, keyed by the names their results are stored under."""
+    """The tasks of one or more runs, keyed by the names their results are stored under; a task
+    that changed since its run was made (its recorded fingerprint) is refused, since the run's
+    stored completions would be judged against references they were not sampled for."""
     out: dict[str, Task] = {}
     for run_id in [run_ids] if isinstance(run_ids, str) else run_ids:
-        out.update(RunSpec.from_store(store, run_id).tasks_by_name())
+        spec = RunSpec.from_store(store, run_id)
+        for ref in spec.tasks:
+            task = ref.load(limit=spec.limit)
+            if ref.digest is not None and task.digest() != ref.digest:
+                raise UserError(f"task {ref.source!r} has changed since run {run_id!r} was made (its prompts, "
+                                "references, stops or check differ); the run's stored completions belong to "
+                                "the old task")
+            out[task.name] = task
     return out
 
 

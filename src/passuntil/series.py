@@ -124,6 +124,9 @@ def _series_from_dict(raw: Any, *, default_name: str, where: str) -> ModelSeries
         unknown = set(m) - allowed
         if unknown:
             raise UserError(f"{where}: model {m['name']!r} has unknown field(s) {sorted(unknown)}")
+        if not str(m["name"]).strip() or not str(m["name"]).isprintable():
+            raise UserError(f"{where}: model #{i + 1}: 'name' must be a non-empty single-line string "
+                            f"(got {m['name']!r}): it names the model in the store and on every table")
         n_params = _positive_number(m["n_params"], f"{where}: model {m['name']!r}: n_params")
         train_tokens = m.get("train_tokens")
         if train_tokens is not None:

@@ -82,6 +82,17 @@ def _mode(store, run_id: str) -> str:
     return str(store.run_config(run_id).get("exact", "off"))
 
 
+def _sampling(store, run_id: str) -> tuple:
+    eng = store.run_config(run_id).get("engine", {})
+    return tuple(eng.get(k) for k in ("temperature", "top_p", "top_k", "max_tokens"))
+
+
+def _is_passuntil(store, run_id: str) -> bool:
+    """A run sampled with PassUntil's K-stop: not exact-mode, not a `--design forecast` run (no
+    K-stop; its budget is per task, not per instance)."""
+    return _mode(store, run_id) == "off" and store.run_config(run_id).get("design") is None
+
+
 def choose_comparison(store_path: str, run_ids=(), *, exact_run: str | None = None,
                       sampled_run: str | None = None, target_model: str | None = None) -> Comparison | None:
     """The runs, target and tasks of the report's PassUntil-vs-exact table. Unnamed, each is
@@ -110,7 +121,15 @@ def choose_comparison(store_path: str, run_ids=(), *, exact_run: str | None = No
                    if exact_data(store_path, exact_run, t) is not None}
     if sampled_run is not None and _mode(store, sampled_run) != "off":
         raise UserError(f"run {sampled_run!r} is an exact-mode run: compare a PassUntil run with it")
-    candidates = [sampled_run] if sampled_run else [r for r in (run_ids or runs) if _mode(store, r) == "off"]
+    if sampled_run is not None and not _is_passuntil(store, sampled_run):
+        raise UserError(f"run {sampled_run!r} is a --design forecast run (no K-stop, a budget per task): "
+                        "compare a PassUntil run with the exact one")
+    sampling = _sampling(store, exact_run)
+    if sampled_run is not None and _sampling(store, sampled_run) != sampling:
+        raise UserError(f"run {sampled_run!r} sampled with other settings (temperature, top-p, top-k, max tokens) "
+                        f"than the exact run {exact_run!r} computed: their pass probabilities differ")
+    candidates = [sampled_run] if sampled_run else [r for r in (run_ids or runs) if _is_passuntil(store, r)
+                                                    and _sampling(store, r) == sampling]
     pick = next(((r, shared) for r in candidates if (shared := [
         t for t, ids in _task_instances(store, r).items() if exact_tasks.get(t) == ids])), None)
     if pick is None:

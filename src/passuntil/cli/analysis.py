@@ -154,9 +154,18 @@ def backtest_cmd(store_path, task, run_id, method, level):
     for r in rows:
         table.add_row(str(r["held_out"]), r["kind"], f"{r['n_params']:.3g}", f"{r['observed']:.4g}", f"{r['point']:.4g}",
                       f"[{r['low']:.4g}, {r['high']:.4g}]",
-                      r["against"] if r["exact"] is None else f"exact p {r['exact']:.4g}",
+                      _against(r),
                       "-" if r["z"] is None else f"{r['z']:+.2f}", "yes" if r["covered"] else "no")
     console.print(table)
+
+
+def _against(row: dict) -> str:
+    """What a backtest row was scored against; an exact p its samples ruled out is shown as such."""
+    if row["exact"] is None:
+        return row.get("against", "")
+    if row.get("against", "exact") == "exact":
+        return f"exact p {row['exact']:.4g}"
+    return f"{row['against']} (exact p {row['exact']:.3g} ruled out by the samples)"
 
 
 @cli.command("emergence")

@@ -12,6 +12,7 @@ from rich.table import Table
 from passuntil.analysis import open_run
 from passuntil.cli.common import Interrupted, cli, console, open_store
 from passuntil.errors import UserError
+from passuntil.jsonio import dumps
 
 
 @cli.command("eval")
@@ -51,7 +52,7 @@ from passuntil.errors import UserError
 @click.option("--total-budget", type=float, default=None,
               help="--design forecast: samples per task over all rounds (e.g. 2e6).")
 @click.option("--target-width", type=float, default=None,
-              help="--design forecast: stop once the 90%% interval of log(mean PU) is within ± this (0.25: ±25%%).")
+              help="--design forecast: stop once the 90% interval of log(mean PU) is within ± this (0.25: ±25%).")
 @click.option("--round-size", type=float, default=None,
               help="--design forecast: samples of the first round per task [budget/10, at most 20000].")
 @click.option("--width-stop-after", type=float, default=None,
@@ -151,13 +152,23 @@ def export(store_path, out_path, run_id, completions):
     out = Path(out_path)
     writers = {".csv": lambda: df.to_csv(out, index=False),
                ".parquet": lambda: df.to_parquet(out, index=False),
-               ".json": lambda: df.to_json(out, orient="records", indent=1),
-               ".jsonl": lambda: df.to_json(out, orient="records", lines=True)}
+               ".json": lambda: out.write_text(dumps(_records(df), indent=1) + "\n", encoding="utf-8"),
+               ".jsonl": lambda: out.write_text("".join(dumps(r) + "\n" for r in _records(df)), encoding="utf-8")}
     if out.suffix not in writers:
         raise UserError(f"cannot export to {out.name}: use .csv, .parquet, .json or .jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     writers[out.suffix]()
     click.echo(f"wrote {len(df)} rows to {out}")
+
+
+def _records(df) -> list[dict]:
+    """The table's rows as plain values for strict JSON: every float in full (pandas' own JSON
+    writer keeps 10 decimal places, so a PU or exact p of 1.7e-14 was written as 0.0), missing
+    values as null."""
+    import pandas as pd
+
+    return [{k: None if v is None or v is pd.NA or v != v else v for k, v in row.items()}
+            for row in df.astype(object).to_dict(orient="records")]
 
 
 @cli.command("tasks")

@@ -22,7 +22,10 @@ report all call it): the fit is remade from `record.data` with the record's meth
 the mean exact probability where it is known for every instance, else by the cells' own
 likelihood (a zero-pass cell is not "outside"). "Observed" has one meaning everywhere: the mean
 over the forecast's instances of the unbiased PassUntil estimate (K-1)/(n-1) of the target
-model (the MLE K/n overstates a small p twice at K = 2); it is reported beside the score.
+model (the MLE K/n overstates a small p twice at K = 2); it is reported beside the score. A
+target computed by `eval --exact` (no samples) is scored by the exact rule on the recorded
+interval, and its "observed" is the mean exact probability (what the tidy table's unbiased PU
+column holds for such a row).
 """
 
 from __future__ import annotations
@@ -129,6 +132,7 @@ class ForecastScore:
     log_score: float | None = None
     refit_method: str | None = None
     observed_is: str = OBSERVED
+    exact_note: str | None = None  # why a known exact p was not what the forecast was scored against
 
     def to_dict(self) -> dict:
         return json_safe(asdict(self))
@@ -299,21 +303,27 @@ class ForecastRecord:
         from passuntil.scaling.scoring import score_cells
 
         passes, samples = np.asarray(passes, dtype=np.int64), np.asarray(samples, dtype=np.int64)
-        if passes.shape != (len(self.data.instance_ids),) or samples.shape != passes.shape or np.any(samples < 1):
-            raise UserError("the target model's results must cover every instance of the forecast")
-        k = self.data.k_target if k_target is None else k_target
-        observed = float(stats.pu_unbiased(passes, samples, k_target=k).mean())
         exact = None
         if exact_p is not None:
             e = np.asarray(exact_p, dtype=float)
-            exact = float(e.mean()) if e.size and np.isfinite(e).all() else None
+            exact = float(e.mean()) if e.size and e.shape == passes.shape and np.isfinite(e).all() else None
             exact_p = e if exact is not None else None
+        # a target computed by `eval --exact` (cells without samples): its exact p is the truth and
+        # "observed"; scored by the exact rule on the recorded interval (no cells to score by likelihood)
+        exact_only = exact is not None and samples.shape == passes.shape and bool(np.any(samples == 0))
+        if passes.shape != (len(self.data.instance_ids),) or samples.shape != passes.shape or (
+                np.any(samples < 1) and not exact_only):
+            raise UserError("the target model's results must cover every instance of the forecast")
+        k = self.data.k_target if k_target is None else k_target
+        observed = exact if exact_only else float(stats.pu_unbiased(passes, samples, k_target=k).mean())
         inside = lambda v: None if v is None else bool(self.these_low <= v <= self.these_high)  # noqa: E731
-        fit, method = self.refit()
+        fit, method = (None, None) if exact_only else self.refit()
         common = dict(model=model or self.target_model, instances=int(passes.size), observed=observed,
-                      observed_mle=float(stats.pu_mle(passes, samples).mean()), exact=exact, point=self.point,
+                      observed_mle=exact if exact_only else float(stats.pu_mle(passes, samples).mean()),
+                      exact=exact, point=self.point,
                       low=self.these_low, high=self.these_high, level=self.level, abs_error=abs(self.point - observed),
-                      exact_inside_interval=inside(exact), refit_method=method)
+                      exact_inside_interval=inside(exact), refit_method=method,
+                      observed_is=EXACT if exact_only else OBSERVED)
         if fit is None:
             truth = exact if exact is not None else observed
             return ForecastScore(**common, log_ratio=float(np.log(max(self.point, 1e-300) / max(truth, 1e-300))),
@@ -323,21 +333,38 @@ class ForecastRecord:
         # log(point / truth): the exact mean, else the unbiased observed mean (not the pooled k/n,
         # which PassUntil's stopping rule biases upward)
         ratio = s.log_ratio if s.against == "exact" else float(np.log(max(self.point, 1e-300) / max(observed, 1e-300)))
+        note = None if not s.exact_contradicted else (
+            f"the exact p of {s.exact_contradicted} instance(s) is ruled out by their own samples (e.g. a check "
+            "that also passes whitespace variants the exact computation does not count): scored by likelihood")
         return ForecastScore(**common, log_ratio=float(ratio), inside_interval=bool(s.inside),
-                             against=s.against, z=nan(s.z), p_value=nan(s.p_value), log_score=nan(s.log_score))
+                             against=s.against, z=nan(s.z), p_value=nan(s.p_value), log_score=nan(s.log_score),
+                             exact_note=note)
 
     def target_rows(self, results, *, model: str | None = None):
         """The target model's finished rows of the forecast's instances from a tidy table
         (columns task, model, instance_id, passes, samples[, done, exact_p]), in the
         forecast's instance order; None where some instance is missing."""
         model = model or self.target_model
-        g = results[(results["task"] == self.task) & (results["model"] == model) & (results["samples"] > 0)]
+        g = results[(results["task"] == self.task) & (results["model"] == model)]
+        computed = g["stopped"].eq("exact") & g["exact_p"].notna() if {"stopped", "exact_p"} <= set(g) else False
+        g = g[(g["samples"] > 0) | computed]  # sampled, or computed exactly (`eval --exact`: no samples)
         if "done" in g:
             g = g[g["done"]]
         g = g.drop_duplicates("instance_id", keep="last").set_index("instance_id")
         if not set(self.data.instance_ids) <= set(g.index):
             return None
         return g.loc[list(self.data.instance_ids)]
+
+    def _check_target_size(self, model: str, rows) -> None:
+        """Refuse to score against a model the forecast was fitted on, or one whose size is not the
+        forecast's target (beyond a 25% slip in a typed N): the verdict would be about another N."""
+        if model in self.data.models:
+            raise UserError(f"model {model!r} is one of the sizes the {self.task} forecast was fitted on; "
+                            f"score it against the model it forecasts (N = {self.target_n:.3g})")
+        sizes = rows["n_params"].to_numpy(dtype=float) if "n_params" in rows else np.array([])
+        if sizes.size and np.all(sizes > 0) and abs(math.log(float(sizes[0]) / self.target_n)) > math.log(1.25):
+            raise UserError(f"model {model!r} has N = {sizes[0]:.3g}, but the {self.task} forecast is for "
+                            f"N = {self.target_n:.3g}; make a forecast at that model's size to score it")
 
     def score_results(self, results, *, model: str | None = None, k_target: int | None = None) -> ForecastScore:
         """`score` on a tidy results table (see `target_rows`)."""
@@ -347,5 +374,6 @@ class ForecastRecord:
         g = self.target_rows(results, model=model)
         if g is None:
             raise UserError(f"model {model!r} has no finished result for some instance(s) of the {self.task} forecast")
+        self._check_target_size(model, g)
         exact = g["exact_p"].to_numpy(dtype=float) if "exact_p" in g else None
         return self.score(g["passes"].to_numpy(), g["samples"].to_numpy(), exact, k_target=k_target, model=model)

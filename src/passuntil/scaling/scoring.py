@@ -19,6 +19,12 @@ Two rules, one function:
   positive interval. `log_score` is the log predictive probability of all cells (binomial
   kernel, averaged over draws), a proper score for comparing forecasts on the same cells.
 
+An exact probability that the cell's own samples contradict (a tail probability of its passes
+below `CONTRADICTED`, 1e-9: e.g. 3 passes in 4 samples at an "exact p" of 1e-25, which a check
+that also accepts whitespace variants of the reference gives where the model answers " 82" for
+"82") is not that cell's pass probability: the cells are then scored by their likelihood and
+`exact_contradicted` counts them.
+
 Previously a held-out zero-pass cell always counted as "outside" and the exact probability was
 ignored where the store had it.
 """
@@ -50,11 +56,24 @@ class CellScore:
     log_ratio: float  # log(point / truth) (exact) or log(point / pooled k/n) (likelihood)
     log_score: float  # log predictive probability of the cells (binomial kernel)
     instance_p_values: tuple[float, ...]  # per instance: two-sided predictive mid-p of its cell
+    exact_contradicted: int = 0  # instances whose exact p their own samples rule out (then not "exact")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["instance_p_values"] = list(self.instance_p_values)
         return d
+
+
+CONTRADICTED = 1e-9  # a cell's passes with a tail probability below this rule its exact p out
+
+
+def contradicted(passes, samples, exact_p) -> np.ndarray:
+    """Per sampled cell: do its counts rule out its exact p? (P(at least k passes in n) or P(at most
+    k) below `CONTRADICTED`; under PassUntil's stop "K passes by sample n" is the first tail exactly.)"""
+    k, n = np.asarray(passes, dtype=float), np.asarray(samples, dtype=float)
+    e = np.clip(np.asarray(exact_p, dtype=float), 0.0, 1.0)
+    tail = np.minimum(stats.binom.sf(k - 1, n, e), stats.binom.cdf(k, n, e))
+    return (n > 0) & np.isfinite(e) & (tail < CONTRADICTED)
 
 
 def _validate(per: np.ndarray, passes, samples, exact_p) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -78,6 +97,8 @@ def score_draws(per: np.ndarray, passes, samples, exact_p=None, *, level: float 
     """Score per-instance forecast draws `per` (B, I) of PU at the target against its cells."""
     per = np.clip(np.asarray(per, dtype=float), 0.0, 1.0)
     k, n, e = _validate(per, passes, samples, exact_p)
+    ruled_out = 0 if e is None else int(contradicted(k, n, e).sum())
+    e = None if ruled_out else e
     means = per.mean(axis=1)
     lo, hi = (float(v) for v in np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
     point = float(means.mean())
@@ -100,7 +121,7 @@ def score_draws(per: np.ndarray, passes, samples, exact_p=None, *, level: float 
     pooled = k.sum() / n.sum()
     ratio = float(np.log(max(point, 1e-300) / pooled)) if pooled > 0 else float("inf")
     return CellScore("likelihood", level, point, lo, hi, None, bool(abs(z) <= stats.norm.ppf((1 + level) / 2)),
-                     z, p_value, ratio, log_score, inst_p)
+                     z, p_value, ratio, log_score, inst_p, ruled_out)
 
 
 def score_cells(fit, n_params: float, passes, samples, exact_p=None, *, level: float = 0.9,

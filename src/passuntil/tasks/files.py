@@ -79,7 +79,7 @@ def read_jsonl(path: Path, what: str, *, header: bool) -> tuple[Row | None, list
             continue
         where = f"{path}:{lineno}"
         record = _parse_json_line(line, where)
-        if isinstance(record, dict) and isinstance(record.get("task"), dict):
+        if _is_header(record):
             if not header:
                 raise UserError(f"{where}: a header record {{\"task\": {{...}}}} belongs in a task "
                                 f"file, not in a {what}")
@@ -96,6 +96,13 @@ def read_jsonl(path: Path, what: str, *, header: bool) -> tuple[Row | None, list
         raise UserError(f"{path}: no instances (the file is empty)" if head is None and not text.strip()
                         else f"{path}: no instances")
     return head, rows
+
+
+def _is_header(record) -> bool:
+    """A header is `{"task": {...}}`; a record with references (or an answer) is an instance even
+    when one of its own fields is called `task` and holds a mapping (kept as its meta)."""
+    return (isinstance(record, dict) and isinstance(record.get("task"), dict)
+            and not {"references", "answer"} & set(record))
 
 
 def _parse_json_line(line: str, where: str):
