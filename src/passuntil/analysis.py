@@ -87,11 +87,12 @@ def exact_data(store_path: str, run_id: str | None, task: str, exclude=()):
     if unknown:
         raise UserError(f"no finished model {sorted(unknown)[0]!r} for task {task!r} in run {run_id!r}")
     kept = g[~g["model"].isin(set(exclude))]
-    table = kept.pivot_table(index="instance_id", columns="n_params", values="exact_p")
+    # one column per model (two models of one size stay two points, not their average)
+    models = kept.drop_duplicates("model").sort_values(["n_params", "model"])
+    table = kept.pivot_table(index="instance_id", columns="model", values="exact_p")[models["model"].tolist()]
     if table.isna().any().any():
         raise UserError(f"run {run_id!r} lacks an exact probability for some instance of {task!r}")
-    models = kept.drop_duplicates("model").sort_values("n_params")["model"].tolist()
-    return (table.columns.to_numpy(dtype=float), models, [str(i) for i in table.index],
+    return (models["n_params"].to_numpy(dtype=float), models["model"].tolist(), [str(i) for i in table.index],
             table.to_numpy(dtype=float), g)
 
 
@@ -174,20 +175,60 @@ def fit_summary(store_path: str, *, task: str, run_id: str | None = None, models
 
 def forecast(store_path: str, *, task: str, run_id: str | None, target_model: str | None,
              target_n: float | None, method: str, level: float, thresholds=()) -> ForecastRecord:
-    """A forecast record for a target model of the run (left out of the data) or a size."""
+    """A forecast record for a target model of the run (left out of the data, if it has any:
+    a design run's target has none) or a size. A model with unfinished instances (a killed
+    run) is fitted on its finished ones, and the record says so (`unfinished` warning)."""
+    import dataclasses
+
     if (target_model is None) == (target_n is None):
         raise UserError("give either --target-model (a model of the run to hold out) or --target-n (a size)")
-    exclude = (target_model,) if target_model else ()
+    exclude = ()
+    if target_model:
+        target_n, has_results = _target_model(store_path, run_id, task, target_model)
+        exclude = (target_model,) if has_results else ()
     data = exact_data(store_path, run_id, task, exclude)
     if data is not None:
         return _exact_forecast(data, task=task, target_model=target_model, target_n=target_n,
                                level=level, thresholds=thresholds)
     check_forecast_options(method=method, level=level, target_n=target_n, thresholds=thresholds)
-    counts, df = task_counts(store_path, run_id, task, exclude)
-    if target_model:
-        target_n = float(df.loc[df["model"] == target_model, "n_params"].iloc[0])
-    return make_forecast(counts, target_n, task=task, method=method, level=level,
-                         target_model=target_model, thresholds=tuple(thresholds))
+    counts, _ = task_counts(store_path, run_id, task, exclude)
+    unfinished = _unfinished(store_path, run_id, task, exclude)
+    record = make_forecast(counts, target_n, task=task, method=method, level=level,
+                           target_model=target_model, thresholds=tuple(thresholds))
+    return dataclasses.replace(record, warnings=record.warnings + tuple(unfinished)) if unfinished else record
+
+
+def _target_model(store_path: str, run_id: str | None, task: str, target_model: str) -> tuple[float, bool]:
+    """(N of a model of the run, whether it has finished results for `task`)."""
+    from passuntil.tables import estimates_table
+
+    store, run_id = open_run(store_path, run_id)
+    sizes = {m["name"]: float(m["n_params"]) for m in store.models(run_id)}
+    design = store.run_config(run_id).get("design") or {}
+    if design.get("target_model"):  # a design run's target: in its series, never sampled
+        sizes.setdefault(design["target_model"], float(design["target_n"]))
+    if target_model not in sizes:
+        raise UserError(f"no model {target_model!r} in run {run_id!r} (models: {', '.join(sizes)})")
+    df = estimates_table(store, run_id)
+    done = not df.empty and bool(((df["model"] == target_model) & (df["task"] == task) & df["done"]).any())
+    return sizes[target_model], done
+
+
+def _unfinished(store_path: str, run_id: str | None, task: str, exclude=()) -> list[str]:
+    """`unfinished: ...` warnings for fitted models some of whose instances have no finished
+    result (they are fitted on the finished ones only)."""
+    from passuntil.tables import estimates_table
+
+    store, run_id = open_run(store_path, run_id)
+    df = estimates_table(store, run_id)
+    df = df[(df["task"] == task) & ~df["model"].isin(set(exclude))]
+    out = []
+    for model, g in df.groupby("model", sort=False):
+        left = int((~g["done"]).sum())
+        if left and g["done"].any():
+            out.append(f"unfinished: model {model!r} has {left} of {len(g)} instances unfinished; "
+                       "it is fitted on the finished ones only (resume the run to finish it)")
+    return out
 
 
 def _exact_forecast(data, *, task, target_model, target_n, level, thresholds) -> ForecastRecord:

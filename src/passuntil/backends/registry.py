@@ -30,6 +30,12 @@ if TYPE_CHECKING:  # ModelSpec lives in series.py, which imports this module
 # Fingerprint keys that may differ on resume: they do not change which sample a (seed, index)
 # draws (the crash and Ray tests resume and shard across thread counts and get the same counts).
 INFORMATIVE_KEYS = frozenset({"threads"})
+# Keys added to fingerprints after runs were recorded without them: their absence from a stored
+# fingerprint is not a mismatch (a run from before keeps resuming), a different value is.
+LATER_KEYS = frozenset({"weights"})
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", "config.json", "tokenizer.json",
+                "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt")
+BLOCK, BLOCKS = 1 << 16, 16  # a large file is digested by its size and 16 blocks of 64 KiB
 
 
 @dataclass(frozen=True)
@@ -137,9 +143,41 @@ def open_sampler(spec: ModelSpec, tasks: Iterable[Task]) -> Sampler:
 def fingerprint_mismatch(old: Mapping, new: Mapping) -> str | None:
     """The first fingerprint field that differs (and matters), as "key: old -> new"; else None."""
     for key in [*new, *(k for k in old if k not in new)]:
+        if key in LATER_KEYS and key not in old:
+            continue
         if key not in INFORMATIVE_KEYS and old.get(key) != new.get(key):
             return f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
     return None
+
+
+def weights_digest(path: str | None) -> str | None:
+    """A digest of a checkpoint folder's weights, config and tokenizer files, so that `--resume`
+    after the checkpoint was retrained or replaced in place is refused instead of mixing samples
+    of two models. Files up to 4 MiB are read whole; a larger one by its size and 16 evenly
+    spaced 64 KiB blocks (first and last included): retraining changes every block, while a
+    copied, moved or re-touched checkpoint keeps its digest (no file times are used). None for a
+    path that is not a local folder (a hub id, a URL)."""
+    import hashlib
+
+    if not path or not os.path.isdir(path):
+        return None
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            if not name.endswith(WEIGHT_FILES):
+                continue
+            full = os.path.join(root, name)
+            size = os.path.getsize(full)
+            h.update(f"{os.path.relpath(full, path)}\0{size}\0".encode())
+            with open(full, "rb") as f:
+                if size <= BLOCKS * BLOCK * 4:
+                    h.update(f.read())
+                    continue
+                for i in range(BLOCKS):
+                    f.seek((size - BLOCK) * i // (BLOCKS - 1))
+                    h.update(f.read(BLOCK))
+    return h.hexdigest()[:16]
 
 
 def redact_url(url: str) -> str:
@@ -189,7 +227,7 @@ def _torch_fingerprint(spec: ModelSpec) -> dict:
     dtype = spec.options.get("dtype", "float32")
     device = spec.options.get("device", "cpu")
     fp = {"torch": torch.__version__, "dtype": dtype, "device": torch.device(device).type,
-          "threads": torch.get_num_threads()}
+          "threads": torch.get_num_threads(), "weights": weights_digest(spec.path)}
     if fp["device"] == "cpu" and dtype == "float32":
         # the compiled kernel is built with -march=native: the CPU's features can change its sums
         fp["kernel"] = cpu_kernel.kernel_path()  # e.g. "c-onecall+mkl-sgemm", "pytorch (why)"
@@ -215,7 +253,7 @@ def _transformers_fingerprint(spec: ModelSpec) -> dict:
             "sampling": "row-keyed inverse CDF",  # draws as the built-in sampler's (backends/hf.py)
             "dtype": spec.options.get("dtype", "float32"),
             "device": torch.device(spec.options.get("device", "cpu")).type,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "weights": weights_digest(spec.path)}
 
 
 def _vllm(spec: ModelSpec, tasks: Sequence[Task]) -> Sampler:
@@ -225,7 +263,7 @@ def _vllm(spec: ModelSpec, tasks: Sequence[Task]) -> Sampler:
 
 
 def _vllm_fingerprint(spec: ModelSpec) -> dict:
-    return {"vllm": _version("vllm"), "torch": _version("torch"),
+    return {"vllm": _version("vllm"), "torch": _version("torch"), "weights": weights_digest(spec.path),
             "dtype": spec.options.get("dtype", "auto"),
             "tensor_parallel_size": spec.options.get("tensor_parallel_size", 1)}
 

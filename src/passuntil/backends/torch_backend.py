@@ -417,7 +417,7 @@ class TorchSampler:
         for prompt, cont in zip(prompts, continuations, strict=True):
             ids = encode(cont)
             logp = self.token_logits(prompt, ids)[:-1].float().log_softmax(-1)
-            out.append(TokenScores(tuple(logp[torch.arange(len(ids)), torch.tensor(ids)].tolist())))
+            out.append(TokenScores(tuple(logp[torch.arange(len(ids)), torch.tensor(ids, dtype=torch.long)].tolist())))
         return out
 
     def exact_pass_probability(self, prompt: str, references: Sequence[str], params: SamplingParams) -> float:
@@ -434,26 +434,33 @@ class TorchSampler:
             ids, stops = encode(ref), exact_stop_endings(ref, params.stop)
             if len(ids) > params.max_tokens or stops is None:  # too long, or cut at a stop inside it
                 continue
-            p_ref = self._path_probability(prompt, ids, params)
+            # one forward pass of prompt + reference: its tokens' probabilities and the next
+            # token's (EOS, or a one-token stop); a longer stop needs a pass of its own
+            probs = self._sampling_probs(prompt, ids, params)
+            p_ref = float(torch.exp(torch.log(probs[torch.arange(len(ids)), torch.tensor(ids, dtype=torch.long)]).sum()))
             if len(ids) == params.max_tokens:
                 total += p_ref
                 continue
-            p_end = self._path_probability(prompt + ref, [EOS_ID], params)
+            p_end = float(probs[-1, EOS_ID])
             for s in stops:
                 sid = encode(s)
                 if len(ids) + len(sid) <= params.max_tokens:
-                    p_end += self._path_probability(prompt + ref, sid, params)
+                    p_end += float(probs[-1, sid[0]]) if len(sid) == 1 else self._path_probability(
+                        prompt + ref, sid, params)
             total += p_ref * p_end
         return total
 
+    def _sampling_probs(self, prompt: str, ids: list[int], params: SamplingParams) -> torch.Tensor:
+        """(len(ids) + 1, V): the sampling distribution at each of `ids` after `prompt`, and after them."""
+        logits = self.token_logits(prompt, [i for i in ids if i != EOS_ID])
+        n = logits.shape[0]
+        return sampling_distribution(logits, torch.full((n,), params.temperature),
+                                     torch.full((n,), params.top_k), torch.full((n,), params.top_p))
+
     def _path_probability(self, prompt: str, ids: list[int], params: SamplingParams) -> float:
         """Probability that sampling continues `prompt` with exactly the tokens `ids`."""
-        text_ids = [i for i in ids if i != EOS_ID]
-        logits = self.token_logits(prompt, text_ids)[: len(ids)]
-        n = logits.shape[0]
-        probs = sampling_distribution(logits, torch.full((n,), params.temperature),
-                                      torch.full((n,), params.top_k), torch.full((n,), params.top_p))
-        return float(torch.exp(torch.log(probs[torch.arange(n), torch.tensor(ids)]).sum()))
+        probs = self._sampling_probs(prompt, ids, params)[: len(ids)]
+        return float(torch.exp(torch.log(probs[torch.arange(len(ids)), torch.tensor(ids, dtype=torch.long)]).sum()))
 
 
 class Decoder:
