@@ -4,6 +4,9 @@ weights, as `benchmarks/sampling.py --backend transformers --arch ...` builds th
 
     .venv/bin/python benchmarks/profile_sampler.py [--device cuda] [--n 4096] [--rows 25]
     .venv/bin/python benchmarks/profile_sampler.py --backend transformers [--arch gpt2] [--n 256]
+
+The transformers backend's compiled attention (one C call per layer, not a PyTorch operator)
+shows as `passuntil::shared_prefix_attention`.
 """
 
 from __future__ import annotations

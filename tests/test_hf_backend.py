@@ -154,8 +154,9 @@ def test_shared_prompt_cache_draws_what_per_row_copies_draw(arch, request, monke
     against uncached forward passes agrees to 1e-5, and the same seeds draw the same texts,
     token ids and finish reasons (float rounding aside) for three prompts of different lengths
     with 90, 30 and 20 samples (two buckets of the prompt part, one of two prompts with empty
-    cells), rows leaving at stops and at max_tokens; also with the matrix-product prompt part (CUDA's) in place of the fused CPU
-    kernel."""
+    cells), rows leaving at stops and at max_tokens; with the compiled one-pass attention (where
+    the head size is a multiple of 16: GPT-2 and Llama here), PyTorch's fused CPU attention for
+    the prompt part, and the matrix-product prompt part (CUDA's)."""
     shared = request.getfixturevalue(arch)
     copies = TransformersSampler(shared.name, share_prompt=False)
     assert shared.attention_path == SHARED and copies.attention_path.startswith(COPIES)
@@ -167,10 +168,55 @@ def test_shared_prompt_cache_draws_what_per_row_copies_draw(arch, request, monke
               SamplingParams(n=20, seed=5, max_tokens=9)]
     want = [[(c.text, c.token_ids, c.finish_reason) for c in x] for x in copies.generate(prompts, params)]
     assert sum(len(c[1]) < 12 for c in want[0]) >= 10  # some rows leave early
-    for flash in (hf_attention._FLASH_CPU, None):
+    for kernel, flash in ((True, hf_attention._FLASH_CPU), (False, hf_attention._FLASH_CPU), (False, None)):
+        monkeypatch.setattr(hf_attention, "USE_KERNEL", kernel)
         monkeypatch.setattr(hf_attention, "_FLASH_CPU", flash)
         got = [[(c.text, c.token_ids, c.finish_reason) for c in x] for x in shared.generate(prompts, params)]
         assert sum(a == b for x, y in zip(got, want) for a, b in zip(x, y)) >= 0.99 * 140
+
+
+@pytest.mark.parametrize("heads, kv_heads, d", [(4, 2, 32), (3, 3, 16)])
+def test_compiled_attention_computes_what_the_pytorch_path_computes(heads, kv_heads, d, monkeypatch):
+    """The compiled shared-prefix attention against the PyTorch one on random keys and values:
+    grouped-query heads (2 query heads per KV head) and not, prompts of 5, 19 and 33 positions
+    (not multiples of 16) with 3, 10 and 1 rows, over 20 steps (the generated buffers grow past
+    16 positions), rows leaving after step 7 (one prompt dropped: moved up in place) and two
+    swapping places after step 12 (copied), queries given as a strided view (as GPT-2's
+    attention passes them)."""
+    if hf_attention._kernel()[0] is None:
+        pytest.skip(f"no compiled kernel: {hf_attention._kernel()[1]}")
+    gen = torch.Generator().manual_seed(0)
+    prefixes = [[(torch.randn(1, kv_heads, n, d, generator=gen), torch.randn(1, kv_heads, n, d, generator=gen))]
+                for n in (5, 19, 33)]
+    src = [0] * 3 + [1] * 10 + [2]
+
+    class Module:
+        layer_idx = 0
+
+    caches = {}
+    for kernel in (True, False):
+        monkeypatch.setattr(hf_attention, "USE_KERNEL", kernel)
+        caches[kernel] = hf_attention.new_cache(prefixes, src)
+        assert caches[kernel].layers[0].kernel == kernel
+    rows, worst = len(src), 0.0
+    for step in range(20):
+        if step in (7, 12):  # prompt 2's only row leaves, and more; then two rows swap places
+            keep = torch.tensor([0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11] if step == 7 else [1, 0, *range(2, rows)])
+            for cache in caches.values():
+                cache.batch_select_indices(keep)
+            rows = len(keep)
+        qkv = torch.randn(rows, 1, heads * d + 2 * kv_heads * d, generator=gen)
+        q = qkv[..., : heads * d].view(rows, 1, heads, d).transpose(1, 2)  # strided, as GPT-2's
+        k = qkv[..., heads * d: (heads + kv_heads) * d].reshape(rows, 1, kv_heads, d).transpose(1, 2)
+        v = qkv[..., (heads + kv_heads) * d:].reshape(rows, 1, kv_heads, d).transpose(1, 2)
+        got = {}
+        for kernel, cache in caches.items():
+            keys, values = cache.layers[0].update(k, v)
+            with hf_attention.active(cache):
+                got[kernel] = hf_attention.shared_prefix_attention(Module, q, keys, values, None, scaling=0.3)[0]
+        assert got[True].shape == (rows, 1, heads, d)
+        worst = max(worst, float((got[True] - got[False]).abs().max()))
+    assert worst < 1e-5
 
 
 def test_falls_back_to_per_row_copies_where_the_shared_attention_does_not_apply(monkeypatch):
@@ -271,3 +317,32 @@ def test_registry_opens_it_from_a_series_entry(tmp_path):
     shutil.copytree(SMALL, folder)
     sampler = open_sampler(ModelSpec("m", 8e4, "transformers", str(folder), None, {"chunk": 16}), [])
     assert isinstance(sampler, TransformersSampler) and sampler.chunk == 16
+
+
+def test_without_a_compiler_the_transformers_sampler_says_so_once_and_records_the_path(tmp_path):
+    """PATH without cc: `passuntil eval` on the transformers backend decodes with the PyTorch
+    attention, prints one line naming why, and records it in the sampler note and fingerprint."""
+    import json
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    from passuntil.series import BUNDLED
+
+    (tmp_path / "s.toml").write_text(f'name = "hf"\n[[models]]\nname = "m"\nbackend = "transformers"\n'
+                                     f'path = "{BUNDLED / "tiny" / "tiny-2"}"\nn_params = 24000\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "PASSUNTIL_NO_KERNEL")}
+    env.update(PATH=str(tmp_path), PASSUNTIL_DATA=str(tmp_path / "data"))
+    store = tmp_path / "k.sqlite"
+    done = subprocess.run([str(Path(sys.executable).with_name("passuntil")), "eval", "--task", "arith", "--series",
+                           str(tmp_path / "s.toml"), "--store", str(store), "--max-samples", "4", "--limit", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    said = [ln for ln in done.stderr.splitlines() if "attention runs in" in ln]
+    why = "no C compiler (cc or $CC)"
+    assert said == [f"passuntil: the transformers sampler's attention runs in PyTorch ({why}), not its compiled kernel"]
+    config = json.loads(sqlite3.connect(store).execute("SELECT config_json FROM runs").fetchone()[0])
+    assert config["samplers"]["m"]["attention_kernel"] == f"pytorch ({why})"
+    notes = [n["note"] for n in config.get("notes", []) if n["note"].startswith("attention:")]
+    assert notes == [f"attention: shared prompt cache; kernel: pytorch ({why})"], config.get("notes")

@@ -7,7 +7,8 @@ built-in sampler does, through the model's own forward pass:
 * each distinct prompt of a call is prefilled once (batch 1), and all its samples attend to that
   one copy of its keys and values: `hf_attention` registers an attention function with
   transformers that reads each prompt's cache once per step for all its rows and each row's own
-  generated tokens, merged by log-sum-exp (`attention_path` says so, "shared prompt cache").
+  generated tokens (on a CPU in float32 one compiled pass per layer, else two PyTorch parts
+  merged by log-sum-exp; `attention_path` says "shared prompt cache" for both).
   It is checked once per model against uncached forward passes; a model it does not fit (not
   `sdpa`, sliding windows, soft-capping, its own attention code, or a failed check) decodes with
   the prompt cache copied into each row instead, left-padded to the chunk's longest prompt
@@ -24,10 +25,11 @@ built-in sampler does, through the model's own forward pass:
 
 Stop sequences are checked while decoding: a row's text is decoded again only when the new
 token's own text holds the last character of one of its stops (or a partial UTF-8 character,
-for a stop ending in a non-ASCII one), then cut at the first stop, as `truncate_at_stop` cuts
-it. `score` splits prompt and continuation as lm-eval's `_encode_pair` does: trailing
-whitespace of the prompt moves to the continuation, the continuation's tokens are those of the
-whole text past the prompt's.
+for a stop ending in a non-ASCII one: `_stop_triggers`, a table over the vocabulary per set of
+stops, so a step's Python work is only for the rows that end or may have stopped), then cut at
+the first stop, as `truncate_at_stop` cuts it. `score` splits prompt and continuation as
+lm-eval's `_encode_pair` does: trailing whitespace of the prompt moves to the continuation, the
+continuation's tokens are those of the whole text past the prompt's.
 """
 
 from __future__ import annotations
@@ -168,37 +170,52 @@ class TransformersSampler:
             mask = (torch.arange(T, device=dev)[None, :] >= (T - plen)[:, None]).long()
             logits = torch.stack(first)[torch.tensor(src, device=dev)]
             sp = [params[r] for r, _ in rows]
-            keys = np.concatenate([row_keys(s.seed or 0, np.array([s.first_sample + j])) for s, (_, j) in zip(sp, rows)])
+            keys = np.empty(len(rows), dtype=np.uint64)  # each row's draw stream, one call per request
+            at: dict[int, list[int]] = {}
+            for b, (r, _) in enumerate(rows):
+                at.setdefault(r, []).append(b)
+            for r, bs in at.items():
+                keys[bs] = row_keys(params[r].seed or 0, params[r].first_sample + np.array([rows[b][1] for b in bs]))
             col = lambda f, dt: torch.tensor([f(s) for s in sp], dtype=dt, device=dev)  # noqa: E731
             temp, topk, topp = col(lambda s: s.temperature, torch.float32), col(lambda s: s.top_k, torch.long), \
                 col(lambda s: s.top_p, torch.float32)
             filtered = (topk > 0) | (topp < 1) | (temp <= 0)
-            live = list(range(len(rows)))  # the chunk's row of each batch row
-            tokens: list[list[int]] = [[] for _ in rows]
+            steps = max(s.max_tokens for s in sp)
+            live = np.arange(len(rows))  # the chunk's row of each batch row (-1: finished, not yet repacked away)
+            tokens = np.zeros((len(rows), steps), dtype=np.int64)  # a live row has one token per step so far
+            max_tokens = np.array([s.max_tokens for s in sp])
+            stop_sets = list(dict.fromkeys(tuple(s.stop) for s in sp))
+            stop_set = np.array([stop_sets.index(tuple(s.stop)) for s in sp])
             eos = torch.tensor(self.eos, device=dev)
             with hf_attention.active(cache) if shared else contextlib.nullcontext():
-                for step in range(max(s.max_tokens for s in sp)):
+                for step in range(steps):
                     tok = self._draw(logits, temp, topk, topp, filtered, keys, step, sampling_distribution)
-                    ended = torch.isin(tok, eos).tolist()
-                    for b, (i, t, end) in enumerate(zip(live, tok.tolist(), ended)):
-                        if i < 0:  # finished earlier, not yet repacked away
-                            continue
-                        if not end:
-                            tokens[i].append(t)
-                        if end or self._stopped(tokens[i], t, sp[i].stop):
-                            self._finish(out, rows[i], tokens[i], "stop", sp[i].stop)
-                        elif len(tokens[i]) >= sp[i].max_tokens:
-                            self._finish(out, rows[i], tokens[i], "length", sp[i].stop)
+                    if step == 0:
+                        triggers = np.stack([self._stop_triggers(st, logits.shape[-1]) for st in stop_sets])
+                    drawn, ended = tok.cpu().numpy(), torch.isin(tok, eos).cpu().numpy()
+                    at = np.flatnonzero(live >= 0)  # batch rows still decoding
+                    i, t, end = live[at], drawn[at], ended[at]
+                    tokens[i, step] = t  # an end token is written here but not counted
+                    maybe_stop = triggers[stop_set[i], t]
+                    full = step + 1 >= max_tokens[i]
+                    for b in np.flatnonzero(end | maybe_stop | full).tolist():
+                        r = int(i[b])
+                        if end[b]:
+                            self._finish(out, rows[r], tokens[r, :step].tolist(), "stop", sp[r].stop)
+                        elif maybe_stop[b] and self._holds_stop(tokens[r, : step + 1].tolist(), sp[r].stop):
+                            self._finish(out, rows[r], tokens[r, : step + 1].tolist(), "stop", sp[r].stop)
+                        elif full[b]:
+                            self._finish(out, rows[r], tokens[r, : step + 1].tolist(), "length", sp[r].stop)
                         else:
                             continue
-                        live[b] = -1
-                    keep = [b for b, i in enumerate(live) if i >= 0]
-                    if not keep:
+                        live[at[b]] = -1
+                    keep = np.flatnonzero(live >= 0)
+                    if not len(keep):
                         return
                     if 4 * len(keep) <= 3 * len(live):  # finished rows leave the batch, with their cache rows
-                        idx = torch.tensor(keep, device=dev)
+                        idx = torch.from_numpy(keep).to(dev)
                         cache.batch_select_indices(idx)
-                        live = [live[b] for b in keep]
+                        live = live[keep]
                         mask, plen, tok, temp, topk, topp, filtered = (
                             t[idx] for t in (mask, plen, tok, temp, topk, topp, filtered))
                         keys = keys[keep]
@@ -218,7 +235,9 @@ class TransformersSampler:
         values (`hf_attention`), or each row's own copy, left-padded to the longest prompt."""
         torch = self.torch
         if shared:
-            return hf_attention.new_cache(caches, src)
+            # the last decode's buffers, reused: a fresh one costs a page fault per 4 KiB written
+            self._spare = hf_attention.new_cache(caches, src, max_new, reuse=getattr(self, "_spare", None))
+            return self._spare
         from transformers import DynamicCache
 
         T = max(c[0][0].shape[2] for c in caches)
@@ -251,7 +270,8 @@ class TransformersSampler:
             if reason is not None:
                 hf_attention.uninstall(self.model)
         path = SHARED if reason is None else f"{COPIES} ({reason})"
-        self.warnings.append(f"attention: {path}")
+        kernel = f"; kernel: {hf_attention.kernel_path(self.model)}" if reason is None else ""
+        self.warnings.append(f"attention: {path}{kernel}")
         return path
 
     def _check_shared(self) -> float:
@@ -299,22 +319,34 @@ class TransformersSampler:
         cdf = probs.cumsum(dim=-1)
         return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0].clamp_max(probs.shape[-1] - 1)
 
-    def _stopped(self, row: list[int], token: int, stops: Sequence[str]) -> bool:
-        """Whether the row's text now holds a stop sequence. Decoded again only when the new
-        token's own text could have completed one: it holds a stop's last character, or, for a
-        stop ending in a non-ASCII character, part of a multi-byte character (an ASCII byte
-        decodes as itself even beside partial characters). The final text is cut at the first
-        stop in any case."""
-        stops = [s for s in stops if s]
-        if not stops:
-            return False
-        if self._pieces is None:
-            self._pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
-        piece = self._pieces[token] if token < len(self._pieces) else "\ufffd"
-        if not any(s[-1] in piece or ("\ufffd" in piece and not s[-1].isascii()) for s in stops):
-            return False
+    def _stop_triggers(self, stops: Sequence[str], vocab: int) -> np.ndarray:
+        """Which of `vocab` token ids could complete one of `stops` (vocab,) bool: the token's own
+        text holds a stop's last character, or, for a stop ending in a non-ASCII character, part
+        of a multi-byte character (an ASCII byte decodes as itself even beside partial
+        characters); ids past the tokenizer's count as a partial character. Only a row whose new
+        token is one of these has its text decoded again (`_holds_stop`); the final text is cut
+        at the first stop in any case."""
+        stops = tuple(s for s in stops if s)
+        key = (stops, vocab)
+        if not hasattr(self, "_triggers"):
+            self._triggers: dict = {}
+        if key not in self._triggers:
+            hit = np.zeros(vocab, dtype=bool)
+            if stops:
+                if self._pieces is None:
+                    self._pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+                ends = {s[-1] for s in stops}
+                partial = any(not s[-1].isascii() for s in stops)
+                for t in range(vocab):
+                    piece = self._pieces[t] if t < len(self._pieces) else "\ufffd"
+                    hit[t] = any(c in piece for c in ends) or (partial and "\ufffd" in piece)
+            self._triggers[key] = hit
+        return self._triggers[key]
+
+    def _holds_stop(self, row: list[int], stops: Sequence[str]) -> bool:
+        """Whether the row's text holds one of its stop sequences."""
         text = self.tokenizer.decode(row)
-        return any(s in text for s in stops)
+        return any(s in text for s in stops if s)
 
     def _finish(self, out, row: tuple[int, int], tokens: list[int], reason: str, stops: Sequence[str]) -> None:
         """Save a finished row: its text cut at the first stop sequence; "stop" for an end token

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # ModelSpec lives in series.py, which imports this module
 INFORMATIVE_KEYS = frozenset({"threads"})
 # Keys added to fingerprints after runs were recorded without them: their absence from a stored
 # fingerprint is not a mismatch (a run from before keeps resuming), a different value is.
-LATER_KEYS = frozenset({"weights"})
+LATER_KEYS = frozenset({"weights", "attention_kernel"})
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", "config.json", "tokenizer.json",
                 "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt")
 BLOCK, BLOCKS = 1 << 16, 16  # a large file is digested by its size and 16 blocks of 64 KiB
@@ -253,7 +253,23 @@ def _transformers_fingerprint(spec: ModelSpec) -> dict:
             "sampling": "row-keyed inverse CDF",  # draws as the built-in sampler's (backends/hf.py)
             "dtype": spec.options.get("dtype", "float32"),
             "device": torch.device(spec.options.get("device", "cpu")).type,
-            "threads": torch.get_num_threads(), "weights": weights_digest(spec.path)}
+            "threads": torch.get_num_threads(), "weights": weights_digest(spec.path),
+            "attention_kernel": _hf_attention_kernel(spec)}
+
+
+def _hf_attention_kernel(spec: ModelSpec) -> str:
+    """Whether a CPU float32 decode can run the compiled attention (`hf_attention`): its sums
+    differ from PyTorch's by float rounding, so a resume or a Ray worker must use the same."""
+    import torch
+
+    if spec.options.get("dtype", "float32") != "float32" or torch.device(spec.options.get("device", "cpu")).type != "cpu":
+        return "pytorch"
+    if not spec.options.get("share_prompt", True):
+        return "pytorch (share_prompt=False)"
+    from passuntil.backends import hf_attention
+
+    lib, why = hf_attention._kernel()
+    return "compiled one-pass" if lib is not None else f"pytorch ({why})"
 
 
 def _vllm(spec: ModelSpec, tasks: Sequence[Task]) -> Sampler:
