@@ -441,8 +441,9 @@ def new_cache(prefixes: list[list[tuple]], src: list[int], capacity: int = BLOCK
                           len(src), capacity, _spare(reuse, li))
                     for li in range(len(prefixes[0]))]
     dev = prefixes[0][0][0].device
-    cache.prefix_lengths = torch.tensor([p[0][0].shape[2] for p in prefixes], device=dev)
-    _set_rows(cache, torch.tensor(src, device=dev))
+    # int64: the compiled kernel reads both as int64_t (numpy's int32 `src` would be misread)
+    cache.prefix_lengths = torch.tensor([p[0][0].shape[2] for p in prefixes], dtype=torch.int64, device=dev)
+    _set_rows(cache, torch.tensor(src, dtype=torch.int64, device=dev))
     cache.batch_select_indices = functools.partial(_select, cache)
     return cache
 
