@@ -54,7 +54,7 @@ BAD = [
     (("forecast", "FULL", *T, "--target-n", "2e9", "--threshold", "1.5", "--out", "OUT"), "--threshold"),
     (("forecast", "FULL", *T, "--out", "OUT"), "give either --target-model"),
     (("forecast", "FULL", *T, "--target-n", "2e9", "--target-model", "1.5B", "--out", "OUT"), "give either"),
-    (("forecast", "FULL", *T, "--target-model", "9B", "--out", "OUT"), "no finished model '9B'"),
+    (("forecast", "FULL", *T, "--target-model", "9B", "--out", "OUT"), "no model '9B' in run 'main' (models: 0.03B"),
     (("forecast", "TWO", *T, "--target-n", "1e9", "--method", "dataset", "--out", "OUT"), "dataset fit cannot"),
     (("forecast", "FULL", *T, "--target-n", "2e9", "--out", "FC"), "never overwritten"),
     (("backtest", "FULL", *T, "--level", "2"), "--level"),
