@@ -1,7 +1,7 @@
 """Calibration of forecast intervals and the before-the-fact warnings, by seeded simulation.
 
     .venv/bin/python benchmarks/calibration.py [--series 100] [--part intervals|design|prior|warnings|both]
-        [--settings 0,2] [--seed 0]
+        [--settings 0,2] [--seed 0] [--method likelihood|bayes|bayes-gamma2|bayes-vague]
 
 Simulated series with a known law per instance (20 instances, the paper's sizes 0.036B..2.45B,
 PassUntil with K passes or a per-cell budget); the pooled likelihood fit on the six smaller
@@ -21,9 +21,14 @@ sizes forecasts the mean PU at 2.45B. Prints:
 
 `--settings 0,2` runs only those rows of a part's table (numbered from 0).
 
-Regimes: ordinary (a ~ N(1, 0.6), alpha ~ U(0.3, 0.7); K = 2 and 10, budgets 1e3 and 1e5) and
+Regimes: ordinary (a ~ N(1, 0.6), alpha ~ U(0.3, 0.7); K = 2 and 10, budgets 1e3 and 1e5),
 hard (each instance's PU at 2.45B is 10^U(-4, -2), alpha ~ U(0.5, 1.0): most fitted cells see
-few or no passes; K = 2, budget 1e5).
+few or no passes; K = 2, budget 1e5) and emergent (every fitted cell PU < 1e-3, alpha ~ U(1, 1.8);
+in the intervals part a fixed 1e5 or 1e6 samples per cell, "K" = fixed n).
+
+`--method` picks the fit whose intervals are measured (likelihood; bayes, the full-Bayes fit of
+scaling/bayes.py; bayes-gamma2 and bayes-vague, its prior variants); every method sees the same
+series for the same seed and row.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from collections import Counter
 
 import numpy as np
 
+from passuntil.scaling.bayes import fit_bayes
 from passuntil.scaling.data import SeriesCounts
 from passuntil.scaling.task_law import fit_likelihood, law_p
 from passuntil.simulation import simulate_counts
@@ -41,8 +47,14 @@ from passuntil.simulation import simulate_counts
 N = np.array([3.6e7, 1.09e8, 2.41e8, 4.99e8, 8.92e8, 1.542e9, 2.45e9])
 FIT, TARGET = N[:-1], N[-1]
 X = np.log(N) - np.log(FIT).mean()
+# K = 0: a fixed number of samples (`budget`) in every cell, no stopping rule (the emergent
+# regime at what the sequential design spends per cell early on)
 SETTINGS = (("ordinary", 2, 10**3), ("ordinary", 2, 10**5), ("ordinary", 10, 10**3),
-            ("ordinary", 10, 10**5), ("hard", 2, 10**5))
+            ("ordinary", 10, 10**5), ("hard", 2, 10**5), ("emergent", 0, 10**5), ("emergent", 0, 10**6))
+# --method: the task-law fit whose intervals are measured (same series and seeds for each)
+FITS = {"likelihood": fit_likelihood, "bayes": fit_bayes,
+        "bayes-gamma2": lambda counts: fit_bayes(counts, sd_prior="gamma2"),
+        "bayes-vague": lambda counts: fit_bayes(counts, mu_prior=((0.0, 10.0), (0.0, 10.0)))}
 
 
 # mean and sd of F at 2.45B and of alpha in the hard regime (F = log(-log 10^U(-4, -2)), alpha ~ U(0.5, 1))
@@ -75,7 +87,11 @@ def population_mean(regime: str, n_params: float = TARGET, draws: int = 400_000)
 
 
 def passuntil_counts(p: np.ndarray, rng: np.random.Generator, *, k_target: int, budget: int) -> SeriesCounts:
-    """PassUntil (K passes or `budget` samples) on every cell of a true (I, M) pass-probability matrix."""
+    """PassUntil (K passes or `budget` samples) on every cell of a true (I, M) pass-probability matrix;
+    K = 0: exactly `budget` samples per cell (binomial counts)."""
+    if k_target == 0:
+        n = np.full(p.shape, budget, dtype=np.int64)
+        return SeriesCounts(N[: p.shape[1]], rng.binomial(n, p), n, 1)
     k, n = np.zeros(p.shape, dtype=np.int64), np.zeros(p.shape, dtype=np.int64)
     for i in range(p.shape[0]):
         for m in range(p.shape[1]):
@@ -108,16 +124,23 @@ def circuit_series(rng: np.random.Generator, *, k_target: int, budget: int, inst
 
 
 def interval_coverage(regime: str, k_target: int, budget: int, series: int, *, seed: int = 0,
-                      level: float = 0.9) -> dict:
-    """Coverage of the "these instances" and "population" intervals at the held-out 2.45B."""
+                      level: float = 0.9, method: str = "likelihood") -> dict:
+    """Coverage of the "these instances" and "population" intervals at the held-out 2.45B, with
+    the median width of the first in log, seconds per fit and (bayes fits) the share of series
+    whose split-R-hat of log(mean) at 2.45B exceeds 1.05."""
     rng = np.random.default_rng([seed, k_target, budget, len(regime)])
     pop = population_mean(regime)
     these = population = 0
-    err, err_mean = [], []
+    err, err_mean, width, rhat, secs = [], [], [], [], []
     for _ in range(series):
         counts, p = law_series(regime, rng, k_target=k_target, budget=budget)
-        fit = fit_likelihood(counts.select_models(np.arange(6)))
+        t0 = time.time()
+        fit = FITS[method](counts.select_models(np.arange(6)))
         f = fit.forecast(TARGET, level=level)
+        secs.append(time.time() - t0)
+        width.append(np.log(f.these_high / f.these_low))
+        if hasattr(fit, "rhat"):
+            rhat.append(fit.rhat(TARGET))
         truth = p[:, -1].mean()
         these += f.these_low <= truth <= f.these_high
         population += f.population_low <= pop <= f.population_high
@@ -126,7 +149,8 @@ def interval_coverage(regime: str, k_target: int, budget: int, series: int, *, s
     return {"regime": regime, "K": k_target, "budget": budget, "series": series, "these": these / series,
             "population": population / series, "bias_log": float(np.mean(err)),
             "bias_se": float(np.std(err, ddof=1) / np.sqrt(series)), "bias_log_mean": float(np.mean(err_mean)),
-            "rmse_log": float(np.sqrt(np.mean(np.square(err))))}
+            "rmse_log": float(np.sqrt(np.mean(np.square(err)))), "width_log": float(np.median(width)),
+            "seconds": float(np.median(secs)), "rhat_bad": float(np.mean(np.array(rhat) > 1.05)) if rhat else None}
 
 
 def prior_diagnostic(series: int, *, seed: int = 0, k_target: int = 2, budget: int = 10**5) -> list[dict]:
@@ -188,20 +212,24 @@ DESIGN_STOPS = (("width", 0.25, 10**9, 0), ("width", 0.10, 3 * 10**9, 0), ("budg
 
 
 def design_coverage(stop: str, halfwidth: float | None, budget: int, series: int, *, seed: int = 0,
-                    level: float = 0.9, min_samples: int = 0) -> dict:
+                    level: float = 0.9, min_samples: int = 0, refit: str = "likelihood") -> dict:
     """The emergent regime at the sequential design's stopping point: `run_sequential` (first
     round 1e5, rounds growing by 50%) until the "these instances" interval of log(target mean)
     is at most +-halfwidth (stop "width"; `budget` caps it) or `budget` is spent (stop "budget");
     then the coverage of its 90% interval (`target_interval`, = `forecast`'s) of the true mean of
     these 20 instances at 2.45B, of its population interval of the population mean, and the
-    bias of log(point). Series s draws its truth from default_rng([seed, s]) in every row."""
+    bias of log(point). Series s draws its truth from default_rng([seed, s]) in every row.
+
+    `refit` other than "likelihood": also the coverage and bias of that fit's 90% "these
+    instances" interval and point on the same stopped counts (the design itself, allocation and
+    stop, stays the likelihood fit's: `run_sequential` takes no fitter)."""
     from scipy.stats import norm
 
     from passuntil.scaling.design import SequentialDesign, run_sequential
 
     pop = population_mean("emergent")
     these = population = stopped_by_width = 0
-    err, spent, z = [], [], []
+    err, spent, z, refit_err, refit_these = [], [], [], [], 0
     for s in range(series):
         rng = np.random.default_rng([seed, s])
         a, alpha = draw_laws("emergent", rng, 20)
@@ -218,7 +246,14 @@ def design_coverage(stop: str, halfwidth: float | None, budget: int, series: int
         err.append(np.log(r.point / truth))
         z.append(err[-1] / (r.log_halfwidth / norm.ppf((1 + level) / 2)))
         spent.append(run.counts.samples.sum())
-    return {"stop": stop, "halfwidth": halfwidth, "budget": budget, "series": series, "these": these / series,
+        if refit != "likelihood":
+            f = FITS[refit](run.counts).forecast(TARGET, level=level)
+            refit_these += f.these_low <= truth <= f.these_high
+            refit_err.append(np.log(f.point / truth))
+    return {"refit_these": refit_these / series if refit_err else None,
+            "refit_bias": float(np.mean(refit_err)) if refit_err else None,
+            "refit_se": float(np.std(refit_err, ddof=1) / np.sqrt(series)) if len(refit_err) > 1 else None,
+            "stop": stop, "halfwidth": halfwidth, "budget": budget, "series": series, "these": these / series,
             "population": population / series, "by_width": stopped_by_width / series,
             "median_spent": float(np.median(spent)), "bias_log": float(np.mean(err)),
             "bias_se": float(np.std(err, ddof=1) / np.sqrt(series)), "rmse_log": float(np.sqrt(np.mean(np.square(err)))),
@@ -259,26 +294,34 @@ def main() -> None:
     ap.add_argument("--part", choices=("intervals", "design", "prior", "warnings", "both"), default="both")
     ap.add_argument("--seed", type=int, default=0, help="the design part's seed (series s: rng [seed, s])")
     ap.add_argument("--settings", default="", help="comma-separated row numbers of the part's table (default all)")
+    ap.add_argument("--method", choices=tuple(FITS), default="likelihood",
+                    help="the intervals part's fit; the design part: refit the stopped counts with it")
     args = ap.parse_args()
     t0 = time.time()
     if args.part in ("intervals", "both"):
+        print(f"method: {args.method}\n")
         print("| regime | K | budget | series | 90% 'these' covers | 90% 'population' covers | bias log (SE) "
-              "| bias log, posterior mean | RMSE log |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "| bias log, posterior mean | RMSE log | median width log | s per fit | R-hat > 1.05 |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for regime, k, budget in _rows(SETTINGS, args.settings):
-            r = interval_coverage(regime, k, budget, args.series)
-            print(f"| {regime} | {k} | {budget:.0e} | {r['series']} | {r['these']:.0%} | {r['population']:.0%} "
-                  f"| {r['bias_log']:+.3f} ({r['bias_se']:.3f}) | {r['bias_log_mean']:+.3f} | {r['rmse_log']:.3f} |",
-                  flush=True)
+            r = interval_coverage(regime, k, budget, args.series, method=args.method)
+            bad = "-" if r["rhat_bad"] is None else f"{r['rhat_bad']:.0%}"
+            print(f"| {regime} | {k or 'fixed n'} | {budget:.0e} | {r['series']} | {r['these']:.0%} "
+                  f"| {r['population']:.0%} | {r['bias_log']:+.3f} ({r['bias_se']:.3f}) | {r['bias_log_mean']:+.3f} "
+                  f"| {r['rmse_log']:.3f} | {r['width_log']:.2f} | {r['seconds']:.2f} | {bad} |", flush=True)
     if args.part == "design":
         print("| stop | halfwidth | budget | min samples | series | stopped by width | median samples | 90% 'these' covers "
               "| 90% 'population' covers | bias log (SE) | RMSE log | z SD |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for stop, half, budget, least in _rows(DESIGN_STOPS, args.settings):
-            r = design_coverage(stop, half, budget, args.series, seed=args.seed, min_samples=least)
+            r = design_coverage(stop, half, budget, args.series, seed=args.seed, min_samples=least,
+                                refit=args.method)
             print(f"| {stop} | {half or '-'} | {budget:.0e} | {least:.0e} | {r['series']} | {r['by_width']:.0%} | "
                   f"{r['median_spent']:.2g} | {r['these']:.0%} | {r['population']:.0%} | "
                   f"{r['bias_log']:+.3f} ({r['bias_se']:.3f}) | {r['rmse_log']:.3f} | {r['z_sd']:.2f} |", flush=True)
+            if r["refit_these"] is not None:
+                print(f"|   {args.method} refit on the same stopped counts | | | | | | | {r['refit_these']:.0%} | | "
+                      f"{r['refit_bias']:+.3f} ({r['refit_se']:.3f}) | | |", flush=True)
     if args.part == "prior":
         print("| prior used for the posterior | series | point / truth - 1 (sums) | bias log (SE) |")
         print("|---|---|---|---|")

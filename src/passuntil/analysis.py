@@ -134,7 +134,7 @@ def fit_summary(store_path: str, *, task: str, run_id: str | None = None, models
     models, or those named), as plain data. A named method that cannot run is an error; an
     unnamed one is listed as skipped. Exact data: the exact-ls fit alone (`scaling.exact`)."""
     from passuntil.scaling import fit_loss_law
-    from passuntil.scaling.task_law import FITTERS
+    from passuntil.scaling.task_law import FITTERS, OPT_IN_FITTERS
 
     data = exact_data(store_path, run_id, task)
     if data is not None:
@@ -158,7 +158,7 @@ def fit_summary(store_path: str, *, task: str, run_id: str | None = None, models
             out["loss_law"] = {"c": lf.c, "alpha": lf.alpha, "l0": lf.l0}
         except (ValueError, RuntimeError) as err:  # too few or non-positive losses, no convergence
             out["loss_law"] = {"skipped": str(err)}
-    for method in methods or FITTERS:
+    for method in methods or [m for m in FITTERS if m not in OPT_IN_FITTERS]:
         try:
             tf = fit_task_law(counts, method)
             row = {"alpha_median": float(np.nanmedian(tf.alpha)) if np.isfinite(tf.alpha).any() else None,

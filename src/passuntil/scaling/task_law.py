@@ -590,9 +590,19 @@ def _checked(fitter, method: str):
     return fit
 
 
+def _fit_bayes(counts: SeriesCounts) -> TaskFit:
+    """Full Bayes over instances and the prior's mean and covariance (MCMC): scaling/bayes.py."""
+    from passuntil.scaling.bayes import fit_bayes  # bayes.py imports this module
+
+    return fit_bayes(counts)
+
+
 FITTERS = {name: _checked(f, name) for name, f in (
     ("likelihood", fit_likelihood), ("instance-ls", fit_instances_ls), ("dataset", fit_dataset),
-    ("loss-assisted", fit_loss_assisted))}
+    ("loss-assisted", fit_loss_assisted), ("bayes", _fit_bayes))}
+# run only when named (`passuntil fit --method bayes`): ~20x slower, and its chains often do not
+# converge in the emergent regime (docs/statistics.md, "Full-Bayes fit")
+OPT_IN_FITTERS = frozenset({"bayes"})
 
 
 def fit_task_law(counts: SeriesCounts, method: str):
