@@ -8,8 +8,9 @@ import pytest
 
 from passuntil.scaling.bayes import BayesFit, fit_bayes, split_rhat
 from passuntil.scaling.data import SeriesCounts
+from passuntil.scaling.fitters import FITTERS
 from passuntil.scaling.forecast import read_forecast
-from passuntil.scaling.task_law import FITTERS, law_p
+from passuntil.scaling.task_law import law_p
 from tests.conftest import run_cli
 
 SIZES = np.array([3.6e7, 1.09e8, 2.41e8, 4.99e8, 8.92e8, 1.542e9])

@@ -5,7 +5,8 @@ import pytest
 
 from benchmarks.calibration import TARGET, circuit_series, law_series
 from passuntil.scaling.data import SeriesCounts
-from passuntil.scaling.task_law import FITTERS, fit_likelihood
+from passuntil.scaling.fitters import FITTERS
+from passuntil.scaling.task_law import fit_likelihood
 from passuntil.scaling.warnings import Warning, forecast_warnings
 
 N = np.array([3.6e7, 1.09e8, 2.41e8, 4.99e8, 8.92e8, 1.542e9, 2.45e9])

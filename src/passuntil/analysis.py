@@ -134,7 +134,7 @@ def fit_summary(store_path: str, *, task: str, run_id: str | None = None, models
     models, or those named), as plain data. A named method that cannot run is an error; an
     unnamed one is listed as skipped. Exact data: the exact-ls fit alone (`scaling.exact`)."""
     from passuntil.scaling import fit_loss_law
-    from passuntil.scaling.task_law import FITTERS, OPT_IN_FITTERS
+    from passuntil.scaling.fitters import FITTERS, OPT_IN_FITTERS
 
     data = exact_data(store_path, run_id, task)
     if data is not None:

@@ -27,6 +27,7 @@ from passuntil.emergence import classify
 from passuntil.errors import UserError
 from passuntil.jsonio import loads
 from passuntil.scaling.data import SeriesCounts
+from passuntil.scaling.fitters import FITTERS, fit_task_law
 from passuntil.scaling.forecast_record import (
     EXACT,
     OBSERVED,
@@ -38,7 +39,7 @@ from passuntil.scaling.forecast_record import (
     Threshold,
 )
 from passuntil.scaling.scoring import score_draws
-from passuntil.scaling.task_law import FITTERS, fit_task_law, threshold_n
+from passuntil.scaling.task_law import threshold_n
 from passuntil.scaling.warnings import forecast_warnings
 
 __all__ = ["EXACT", "OBSERVED", "PASS_AT_K_GRID", "SCHEMA", "ForecastData", "ForecastRecord", "ForecastScore",

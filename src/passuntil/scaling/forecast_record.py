@@ -286,7 +286,7 @@ class ForecastRecord:
         """(fit, method): the forecast's fit remade from `data` (deterministic, seed 0). A file
         holds no reference losses, so a loss-assisted forecast is refitted by likelihood; None
         for a method that is not a task-law fitter (exact-ls)."""
-        from passuntil.scaling.task_law import FITTERS, fit_task_law
+        from passuntil.scaling.fitters import FITTERS, fit_task_law
 
         if self.method not in FITTERS or self.data.exact_p is not None:
             return None, None

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from passuntil.errors import UserError
 from passuntil.scaling.data import SeriesCounts
 
 F_MIN, F_MAX = -12.0, 6.0  # F = log(-log p): p from ~1 - 6e-6 to exp(-403)
@@ -563,51 +562,3 @@ def fit_loss_assisted(counts: SeriesCounts, *, min_points: int = 3, n_boot: int 
             draws[b, hard_idx] = np.stack([ha, hal], -1)
     return TaskFit("loss-assisted", x0, a, alpha, None, draws, tuple(counts.n_params.tolist()),
                    {"easy": int(easy.sum()), "hard": int((~easy).sum()), "loss_map": [float(b0), float(b1)]})
-
-
-def _checked(fitter, method: str):
-    """`fitter` refusing data it cannot fit (ValueError), instead of a forecast that is not one.
-
-    A law is a line in log N: from one size its slope is not identified, yet the likelihood fit
-    returned its prior (alpha 0, "forecast" = the observed PU at any N), instance-ls a "0 [0, 0]"
-    with every instance unfitted, and the dataset fit NaN. The raw fitters stay permissive for
-    callers that fit partial data on purpose (the sequential design)."""
-    def fit(counts: SeriesCounts) -> TaskFit:
-        sizes = np.unique(counts.n_params[counts.samples.sum(axis=0) > 0])
-        if sizes.size < 2:
-            raise ValueError(f"a task law is a line in log N: it needs results at 2 or more model "
-                             f"sizes (this data has {sizes.size})")
-        if int(counts.passes.sum()) == 0:
-            raise ValueError("no instance passed at any size: the data bound PU from above but hold "
-                             "no law to extrapolate")
-        result = fitter(counts)
-        if np.isnan(result.a).all():
-            what = ("the mean PU lies strictly between 0 and 1 at fewer than 2 sizes" if method == "dataset"
-                    else "no instance has 0 < PU < 1 at 2 or more sizes, so no instance line can be fitted")
-            raise ValueError(what)
-        return result
-    fit.__doc__ = fitter.__doc__
-    return fit
-
-
-def _fit_bayes(counts: SeriesCounts) -> TaskFit:
-    """Full Bayes over instances and the prior's mean and covariance (MCMC): scaling/bayes.py."""
-    from passuntil.scaling.bayes import fit_bayes  # bayes.py imports this module
-
-    return fit_bayes(counts)
-
-
-FITTERS = {name: _checked(f, name) for name, f in (
-    ("likelihood", fit_likelihood), ("instance-ls", fit_instances_ls), ("dataset", fit_dataset),
-    ("loss-assisted", fit_loss_assisted), ("bayes", _fit_bayes))}
-# run only when named (`passuntil fit --method bayes`): ~20x slower, and its chains often do not
-# converge in the emergent regime (docs/statistics.md, "Full-Bayes fit")
-OPT_IN_FITTERS = frozenset({"bayes"})
-
-
-def fit_task_law(counts: SeriesCounts, method: str):
-    """FITTERS[method](counts), with data the method cannot use turned into one UserError line."""
-    try:
-        return FITTERS[method](counts)
-    except (ValueError, np.linalg.LinAlgError) as err:  # e.g. no test losses, too few passes
-        raise UserError(f"the {method} fit cannot run on this data: {err}") from None
