@@ -61,32 +61,42 @@ def _cpu_fingerprint() -> str:
     return "\n".join(dict.fromkeys(keep))
 
 
-@functools.cache
-def _build() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded library, "") or (None, why not)."""
+def compile_library(source: Path, stem: str) -> tuple[ctypes.CDLL | None, str]:
+    """(the library compiled from `source` and loaded, "") or (None, why not). Built with `FLAGS`
+    into the cache directory as `{stem}-{key}.so`, the key covering the source, the flags, the
+    compiler's version and this CPU; off with PASSUNTIL_NO_KERNEL=1. Shared by the built-in
+    sampler's kernels and the transformers sampler's attention (`hf_attention`)."""
     if os.environ.get("PASSUNTIL_NO_KERNEL") == "1":
         return None, "PASSUNTIL_NO_KERNEL=1"
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None or not SOURCE.exists():
-        return None, "no C compiler (cc or $CC)" if cc is None else f"{SOURCE.name} is missing"
+    if cc is None or not source.exists():
+        return None, "no C compiler (cc or $CC)" if cc is None else f"{source.name} is missing"
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_fingerprint(),
+        key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), version, _cpu_fingerprint(),
                                         platform.machine()]).encode()).hexdigest()[:16]
-        lib = _cache_dir() / f"cpu_kernel-{key}.so"
+        lib = _cache_dir() / f"{stem}-{key}.so"
         if not lib.exists():
             lib.parent.mkdir(parents=True, exist_ok=True)
             # built beside the target and renamed: concurrent workers never load a half-written file
             with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
                 built = Path(tmp) / lib.name
-                subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True,
+                subprocess.run([cc, *FLAGS, str(source), "-o", str(built), "-lm"], check=True,
                                capture_output=True, timeout=300)
                 os.replace(built, lib)
-        dll = ctypes.CDLL(str(lib))
+        return ctypes.CDLL(str(lib)), ""
     except subprocess.CalledProcessError as e:
         return None, f"{cc} failed: {e.stderr.decode(errors='replace').strip().splitlines()[-1:]}"
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"building or loading the kernel failed: {e}"
+
+
+@functools.cache
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded library, "") or (None, why not)."""
+    dll, why = compile_library(SOURCE, "cpu_kernel")
+    if dll is None:
+        return None, why
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     for name, args in (("decode_attention", [ptr] * 10 + [i64] * 7 + [f32, i64]),
                        ("rms_norm", [ptr, ptr, i64, i64, f32, i64]),

@@ -41,13 +41,8 @@ import contextlib
 import contextvars
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -130,28 +125,9 @@ def _kernel() -> tuple[ctypes.CDLL | None, str]:
     CPU; off with PASSUNTIL_NO_KERNEL=1)."""
     from passuntil.backends import cpu_kernel
 
-    if os.environ.get("PASSUNTIL_NO_KERNEL") == "1":
-        return None, "PASSUNTIL_NO_KERNEL=1"
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None or not KERNEL_SOURCE.exists():
-        return None, "no C compiler (cc or $CC)" if cc is None else f"{KERNEL_SOURCE.name} is missing"
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([KERNEL_SOURCE.read_text(), " ".join(cpu_kernel.FLAGS), version,
-                                        cpu_kernel._cpu_fingerprint(), platform.machine()]).encode()).hexdigest()[:16]
-        lib = cpu_kernel._cache_dir() / f"hf_attention-{key}.so"
-        if not lib.exists():
-            lib.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # built beside it, then renamed
-                built = Path(tmp) / lib.name
-                subprocess.run([cc, *cpu_kernel.FLAGS, str(KERNEL_SOURCE), "-o", str(built), "-lm"], check=True,
-                               capture_output=True, timeout=300)
-                os.replace(built, lib)
-        dll = ctypes.CDLL(str(lib))
-    except subprocess.CalledProcessError as e:
-        return None, f"{cc} failed: {e.stderr.decode(errors='replace').strip().splitlines()[-1:]}"
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, f"building or loading the kernel failed: {e}"
+    dll, why = cpu_kernel.compile_library(KERNEL_SOURCE, "hf_attention")
+    if dll is None:
+        return None, why
     dll.shared_prefix_attention.restype = ctypes.c_int
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     dll.shared_prefix_attention.argtypes = [ptr, i64, i64] * 3 + [ptr] * 7 + [i64] * 8 + [ctypes.c_float, i64]
