@@ -47,6 +47,7 @@ from passuntil.scaling.task_law import (
     _loglik,
     _posterior_modes,
     lack_of_fit,
+    lack_of_fit_warning,
     law_p,
 )
 
@@ -163,11 +164,7 @@ class BayesFit(TaskFit):
             warn.append(f"the bayes fit's chains disagree (split-R-hat {r:.3g} > {RHAT_WARN} on the log mean at "
                         "the target): the interval is not reliable")
         phi = self.dispersion
-        if (phi > 1).any():
-            worst = int(np.argmax(phi))
-            warn.append(f"lack of fit: {int((phi > 1).sum())} instance(s) scatter about their law more than "
-                        f"binomial noise allows (worst: instance #{worst}, dispersion {phi[worst]:.3g}); "
-                        "their intervals are widened by it")
+        warn += lack_of_fit_warning(phi)
         lo, hi = (t_lo, t_hi) if target == "these" else (p_lo, p_hi)
         tup = lambda v: tuple(float(x) for x in v)  # noqa: E731
         return Forecast(float(n_params), float(np.median(these)), float(lo), float(hi), level, self.method,

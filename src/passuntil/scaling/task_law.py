@@ -40,6 +40,16 @@ F_MIN, F_MAX = -12.0, 6.0  # F = log(-log p): p from ~1 - 6e-6 to exp(-403)
 HYPER_INFLATION = 2.5
 
 
+def lack_of_fit_warning(phi: np.ndarray) -> list[str]:
+    """The forecast's "lack of fit" warning for per-instance dispersions `phi` (none if all are 1)."""
+    if not (phi > 1).any():
+        return []
+    worst = int(np.argmax(phi))
+    return [f"lack of fit: {int((phi > 1).sum())} instance(s) scatter about their law more than "
+            f"binomial noise allows (worst: instance #{worst}, dispersion {phi[worst]:.3g}); "
+            "their intervals are widened by it"]
+
+
 def law_p(f: np.ndarray) -> np.ndarray:
     return np.exp(-np.exp(np.clip(f, F_MIN, F_MAX)))
 
@@ -267,11 +277,7 @@ class TaskFit:
             warn.append(f"{int(np.isnan(self.a).sum())} instance(s) had too few non-zero points to fit "
                         "and forecast 0")
         phi = self.dispersion
-        if (phi > 1).any():
-            worst = int(np.argmax(phi))
-            warn.append(f"lack of fit: {int((phi > 1).sum())} instance(s) scatter about their law more than "
-                        f"binomial noise allows (worst: instance #{worst}, dispersion {phi[worst]:.3g}); "
-                        "their intervals are widened by it")
+        warn += lack_of_fit_warning(phi)
         lo, hi = (t_lo, t_hi) if target == "these" else (p_lo, p_hi)
         tup = lambda v: tuple(float(x) for x in v)  # noqa: E731
         return Forecast(float(n_params), point, float(lo), float(hi), level, self.method, tuple(warn), target,
