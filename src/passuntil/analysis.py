@@ -9,6 +9,9 @@ line here, at the boundary, so no command prints a traceback for bad data.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 from passuntil.errors import UserError
@@ -49,13 +52,29 @@ def open_runs(store_path: str, run_ids=()) -> tuple[object, list[str]]:
     return store, list(run_ids) or runs
 
 
-def task_counts(store_path: str, run_id: str | None, task: str, exclude=()) -> tuple[SeriesCounts, object]:
+@dataclass(frozen=True)
+class RunTable:
+    """One run's results read from the store once (`tables.estimates_table`): an analysis asks
+    several questions of them (the target's size, exact or sampled data, counts, unfinished
+    models), and on a large store each read costs a pass over every result."""
+
+    store: Any
+    run_id: str
+    df: Any  # pandas.DataFrame
+
+    @classmethod
+    def read(cls, store_path: str, run_id: str | None) -> RunTable:
+        """The named run's table, or the latest run's; UserError when there is none."""
+        from passuntil.tables import estimates_table
+
+        store, run_id = open_run(store_path, run_id)
+        return cls(store, run_id, estimates_table(store, run_id))
+
+
+def task_counts(run: RunTable, task: str, exclude=()) -> tuple[SeriesCounts, object]:
     """SeriesCounts of one task's finished results in a run (optionally without some models),
     and the run's tidy table of that task."""
-    from passuntil.tables import estimates_table
-
-    store, run_id = open_run(store_path, run_id)
-    df = estimates_table(store, run_id)
+    store, run_id, df = run.store, run.run_id, run.df
     tasks = sorted(set(df["task"])) if not df.empty else []
     if task not in tasks:
         raise UserError(f"run {run_id!r} has no results for task {task!r} (tasks: {', '.join(tasks) or 'none'})")
@@ -70,16 +89,13 @@ def task_counts(store_path: str, run_id: str | None, task: str, exclude=()) -> t
     return SeriesCounts.from_table(kept, k_target=k), df
 
 
-def exact_data(store_path: str, run_id: str | None, task: str, exclude=()):
+def exact_data(run: RunTable, task: str, exclude=()):
     """For a task an exact-mode run computed exactly at every size: (n_params, models,
     instance ids, p (instances, models), the task's table), without the `exclude` models;
     None where the task's data are sampled (then the PassUntil fits apply)."""
-    from passuntil.tables import estimates_table
-
-    store, run_id = open_run(store_path, run_id)
+    store, run_id, df = run.store, run.run_id, run.df
     if store.run_config(run_id).get("exact", "off") == "off":
         return None
-    df = estimates_table(store, run_id)
     g = df[df["task"] == task] if not df.empty else df
     if g.empty or not (g["stopped"] == "exact").all():
         return None
@@ -136,7 +152,8 @@ def fit_summary(store_path: str, *, task: str, run_id: str | None = None, models
     from passuntil.scaling import fit_loss_law
     from passuntil.scaling.fitters import FITTERS, OPT_IN_FITTERS
 
-    data = exact_data(store_path, run_id, task)
+    run = RunTable.read(store_path, run_id)
+    data = exact_data(run, task)
     if data is not None:
         check_forecast_options(method="likelihood", level=level, target_n=target_n)
         return _exact_fit_summary(data, task=task, models=models, methods=methods, target_n=target_n,
@@ -145,7 +162,7 @@ def fit_summary(store_path: str, *, task: str, run_id: str | None = None, models
     for method in methods:
         check_forecast_options(method=method, level=level, target_n=target_n)
     check_forecast_options(method="likelihood", level=level, target_n=target_n)
-    counts, _ = task_counts(store_path, run_id, task)
+    counts, _ = task_counts(run, task)
     if models:
         missing = set(models) - set(counts.models)
         if missing:
@@ -174,53 +191,50 @@ def fit_summary(store_path: str, *, task: str, run_id: str | None = None, models
 
 
 def forecast(store_path: str, *, task: str, run_id: str | None, target_model: str | None,
-             target_n: float | None, method: str, level: float, thresholds=()) -> ForecastRecord:
+             target_n: float | None, method: str, level: float, thresholds=(),
+             table: RunTable | None = None) -> ForecastRecord:
     """A forecast record for a target model of the run (left out of the data, if it has any:
     a design run's target has none) or a size. A model with unfinished instances (a killed
-    run) is fitted on its finished ones, and the record says so (`unfinished` warning)."""
+    run) is fitted on its finished ones, and the record says so (`unfinished` warning).
+    `table`: the run already read (then store_path and run_id are not read again)."""
     import dataclasses
 
     if (target_model is None) == (target_n is None):
         raise UserError("give either --target-model (a model of the run to hold out) or --target-n (a size)")
+    run = table or RunTable.read(store_path, run_id)
     exclude = ()
     if target_model:
-        target_n, has_results = _target_model(store_path, run_id, task, target_model)
+        target_n, has_results = _target_model(run, task, target_model)
         exclude = (target_model,) if has_results else ()
-    data = exact_data(store_path, run_id, task, exclude)
+    data = exact_data(run, task, exclude)
     if data is not None:
         return _exact_forecast(data, task=task, target_model=target_model, target_n=target_n,
                                level=level, thresholds=thresholds)
     check_forecast_options(method=method, level=level, target_n=target_n, thresholds=thresholds)
-    counts, _ = task_counts(store_path, run_id, task, exclude)
-    unfinished = _unfinished(store_path, run_id, task, exclude)
+    counts, _ = task_counts(run, task, exclude)
+    unfinished = _unfinished(run, task, exclude)
     record = make_forecast(counts, target_n, task=task, method=method, level=level,
                            target_model=target_model, thresholds=tuple(thresholds))
     return dataclasses.replace(record, warnings=record.warnings + tuple(unfinished)) if unfinished else record
 
 
-def _target_model(store_path: str, run_id: str | None, task: str, target_model: str) -> tuple[float, bool]:
+def _target_model(run: RunTable, task: str, target_model: str) -> tuple[float, bool]:
     """(N of a model of the run, whether it has finished results for `task`)."""
-    from passuntil.tables import estimates_table
-
-    store, run_id = open_run(store_path, run_id)
+    store, run_id, df = run.store, run.run_id, run.df
     sizes = {m["name"]: float(m["n_params"]) for m in store.models(run_id)}
     design = store.run_config(run_id).get("design") or {}
     if design.get("target_model"):  # a design run's target: in its series, never sampled
         sizes.setdefault(design["target_model"], float(design["target_n"]))
     if target_model not in sizes:
         raise UserError(f"no model {target_model!r} in run {run_id!r} (models: {', '.join(sizes)})")
-    df = estimates_table(store, run_id)
     done = not df.empty and bool(((df["model"] == target_model) & (df["task"] == task) & df["done"]).any())
     return sizes[target_model], done
 
 
-def _unfinished(store_path: str, run_id: str | None, task: str, exclude=()) -> list[str]:
+def _unfinished(run: RunTable, task: str, exclude=()) -> list[str]:
     """`unfinished: ...` warnings for fitted models some of whose instances have no finished
     result (they are fitted on the finished ones only)."""
-    from passuntil.tables import estimates_table
-
-    store, run_id = open_run(store_path, run_id)
-    df = estimates_table(store, run_id)
+    df = run.df
     df = df[(df["task"] == task) & ~df["model"].isin(set(exclude))]
     out = []
     for model, g in df.groupby("model", sort=False):
@@ -346,7 +360,8 @@ def _exact_matrix(counts: SeriesCounts, df):
 def backtest(store_path: str, *, task: str, run_id: str | None, method: str, level: float = 0.9) -> list[dict]:
     from passuntil.scaling.forecast import backtest as run_backtest
 
-    data = exact_data(store_path, run_id, task)
+    run = RunTable.read(store_path, run_id)
+    data = exact_data(run, task)
     if data is not None:  # exact pass probabilities: the exact-ls fit, observed = the exact mean
         from passuntil.scaling.exact import backtest_exact
 
@@ -359,7 +374,7 @@ def backtest(store_path: str, *, task: str, run_id: str | None, method: str, lev
             raise UserError(f"a backtest needs at least 4 sizes of {task!r} (this run has {n.size})")
         return rows
 
-    counts, df = task_counts(store_path, run_id, task)
+    counts, df = task_counts(run, task)
     rows = run_backtest(counts, method=method, level=level, exact_p=_exact_matrix(counts, df))
     if not rows:
         raise UserError(f"a backtest needs at least 4 finished sizes of {task!r} (this run has "
@@ -370,7 +385,8 @@ def backtest(store_path: str, *, task: str, run_id: str | None, method: str, lev
 def emergence(store_path: str, *, task: str, run_id: str | None) -> dict:
     from passuntil.emergence import classify, classify_exact
 
-    data = exact_data(store_path, run_id, task)
+    run = RunTable.read(store_path, run_id)
+    data = exact_data(run, task)
     if data is not None:
         from passuntil.scaling.exact import DATA, exact_curvature
 
@@ -378,7 +394,7 @@ def emergence(store_path: str, *, task: str, run_id: str | None) -> dict:
         return {**_classify_exact(classify_exact, n, p, task).to_dict(), "data": DATA,
                 "instance_ls_curvature": exact_curvature(n, p)}
 
-    counts, _ = task_counts(store_path, run_id, task)
+    counts, _ = task_counts(run, task)
     try:
         return classify(counts).to_dict()
     except (ValueError, np.linalg.LinAlgError) as err:
@@ -389,7 +405,7 @@ def pilot_guesses(store_path: str, *, run_id: str | None, task: str | None, mode
     """Pass-probability guesses from a pilot run: the exact p where recorded, else PU."""
     if not task or not model:
         raise UserError("with --store, give --task and --model")
-    _, df = task_counts(store_path, run_id, task)
+    _, df = task_counts(RunTable.read(store_path, run_id), task)
     g = df[df["model"] == model]
     if g.empty:
         raise UserError(f"no finished results for model {model!r} in task {task!r}")

@@ -14,20 +14,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from passuntil.analysis import exact_data, fired, forecast, open_run, open_runs, task_counts
+from passuntil.analysis import (
+    RunTable,
+    exact_data,
+    fired,
+    forecast,
+    open_run,
+    open_runs,
+    task_counts,
+)
 from passuntil.errors import UserError
 
 ACCELERATION = "accelerated-emergence"
 
 
-def _sampled_warnings(store_path, run_id, task, target_model, target_n, record) -> tuple[str, list[str]]:
+def _sampled_warnings(run: RunTable, task, target_model, target_n, record) -> tuple[str, list[str]]:
     """(class, warning codes) of PassUntil's forecast of the target from a sampled run: the
     given record (e.g. the demo's pre-registered one), else made now from the run's other sizes."""
     if record is None:
-        _, df = task_counts(store_path, run_id, task)
+        _, df = task_counts(run, task)
         held = target_model if target_model in set(df["model"]) else None
         try:
-            record = forecast(store_path, task=task, run_id=run_id, target_model=held,
+            record = forecast("", task=task, run_id=run.run_id, target_model=held, table=run,
                               target_n=None if held else target_n, method="likelihood", level=0.9)
         except UserError as err:
             if "all-zero" not in str(err):
@@ -42,20 +50,21 @@ def warning_comparison(store_path: str, *, sampled_run: str, exact_run: str, tar
     before `target_model` was seen, from PassUntil's counts (`sampled_run`, or the records in
     `sampled`: task -> ForecastRecord) and from the exact probabilities of the smaller sizes?
     With each side's class and warning codes, the exact forecast and the target's exact p."""
-    store, _ = open_run(store_path, exact_run)
-    open_run(store_path, sampled_run)
+    exact, pu_run = RunTable.read(store_path, exact_run), None  # the sampled run: read when needed
+    store, _ = open_run(store_path, sampled_run)
     budget = store.run_config(sampled_run)["engine"]["max_samples"]
     sampled = sampled or {}
     rows = []
-    for task in tasks or sorted(set(estimates_table_tasks(store, exact_run))):
-        whole = exact_data(store_path, exact_run, task)
+    for task in tasks or sorted(set(exact.df["task"]) if not exact.df.empty else ()):
+        whole = exact_data(exact, task)
         if whole is None or target_model not in whole[1]:
             continue
         n, names, _, p, _ = whole
         record = forecast(store_path, task=task, run_id=exact_run, target_model=target_model, target_n=None,
-                          method="likelihood", level=0.9)
-        pu_class, pu_codes = _sampled_warnings(store_path, sampled_run, task, target_model, record.target_n,
-                                               sampled.get(task))
+                          method="likelihood", level=0.9, table=exact)
+        if task not in sampled and pu_run is None:
+            pu_run = RunTable.read(store_path, sampled_run)
+        pu_class, pu_codes = _sampled_warnings(pu_run, task, target_model, record.target_n, sampled.get(task))
         codes = fired(record.warnings)
         rows.append({"task": task, "target": target_model, "budget": int(budget),
                      "PassUntil class": pu_class, "PassUntil warnings": ", ".join(pu_codes) or "none",
@@ -102,6 +111,8 @@ def choose_comparison(store_path: str, run_ids=(), *, exact_run: str | None = No
     largest model. A named run
     or target that does not fit is one UserError line; an unnamed choice that finds nothing
     gives None (no table)."""
+    from passuntil.tables import estimates_table
+
     store, runs = open_runs(store_path, ())
     named = exact_run is not None or sampled_run is not None or target_model is not None
     for r in (exact_run, sampled_run):
@@ -117,8 +128,9 @@ def choose_comparison(store_path: str, run_ids=(), *, exact_run: str | None = No
         exact_run = exacts[0]
     elif _mode(store, exact_run) == "off":
         raise UserError(f"run {exact_run!r} is not an exact-mode run (made with `passuntil eval --exact`)")
-    exact_tasks = {t: ids for t, ids in _task_instances(store, exact_run).items()
-                   if exact_data(store_path, exact_run, t) is not None}
+    exact = RunTable.read(store_path, exact_run)
+    exact_tasks = {t: ids for t, ids in _task_instances(exact.df).items()
+                   if exact_data(exact, t) is not None}
     if sampled_run is not None and _mode(store, sampled_run) != "off":
         raise UserError(f"run {sampled_run!r} is an exact-mode run: compare a PassUntil run with it")
     if sampled_run is not None and not _is_passuntil(store, sampled_run):
@@ -131,7 +143,7 @@ def choose_comparison(store_path: str, run_ids=(), *, exact_run: str | None = No
     candidates = [sampled_run] if sampled_run else [r for r in (run_ids or runs) if _is_passuntil(store, r)
                                                     and _sampling(store, r) == sampling]
     pick = next(((r, shared) for r in candidates if (shared := [
-        t for t, ids in _task_instances(store, r).items() if exact_tasks.get(t) == ids])), None)
+        t for t, ids in _task_instances(estimates_table(store, r)).items() if exact_tasks.get(t) == ids])), None)
     if pick is None:
         if named:
             raise UserError(f"no PassUntil run{' ' + repr(sampled_run) if sampled_run else ''} holds a task that "
@@ -145,11 +157,8 @@ def choose_comparison(store_path: str, run_ids=(), *, exact_run: str | None = No
     return Comparison(pick[0], exact_run, target, tuple(pick[1]), named)
 
 
-def _task_instances(store, run_id: str) -> dict[str, frozenset]:
-    """task -> the instance ids a run holds results for."""
-    from passuntil.tables import estimates_table
-
-    df = estimates_table(store, run_id)
+def _task_instances(df) -> dict[str, frozenset]:
+    """task -> the instance ids a run's table (`tables.estimates_table`) holds results for."""
     return {} if df.empty else {t: frozenset(map(str, g["instance_id"])) for t, g in df.groupby("task", sort=False)}
 
 
@@ -169,10 +178,3 @@ def report_comparison(store_path: str, comparison: Comparison | None, records=()
             raise
         return [], str(err)
 
-
-def estimates_table_tasks(store, run_id: str) -> list[str]:
-    """The tasks a run holds results for, in their first order."""
-    from passuntil.tables import estimates_table
-
-    df = estimates_table(store, run_id)
-    return [] if df.empty else list(dict.fromkeys(df["task"]))
