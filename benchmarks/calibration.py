@@ -1,8 +1,7 @@
 """Calibration of forecast intervals and the before-the-fact warnings, by seeded simulation.
 
     .venv/bin/python benchmarks/calibration.py [--series 100] [--part intervals|design|prior|warnings|both]
-        [--settings 0,2] [--seed 0] [--method likelihood|bayes|bayes-gamma2|bayes-vague] [--verbose]
-    .venv/bin/python benchmarks/calibration.py --summarise LOG   (a design run's --verbose lines)
+        [--settings 0,2] [--seed 0] [--method likelihood|bayes|bayes-gamma2|bayes-vague]
 
 Simulated series with a known law per instance (20 instances, the paper's sizes 0.036B..2.45B,
 PassUntil with K passes or a per-cell budget); the pooled likelihood fit on the six smaller
@@ -16,8 +15,7 @@ sizes forecasts the mean PU at 2.45B. Prints:
   "accelerated-emergence" on two-circuit series whose steep circuit takes over between the two
   largest fitted sizes, 0.89B and 1.54B (hits), and on plain-law series (false alarms); and every
   other warning code's rate; "circuits-late": the takeover between 1.54B and the 2.45B target;
-* design: the emergent regime at the sequential design's stopping point (by width, by budget;
-  row 7: the width stop confirmed by the full-Bayes fit, `SequentialDesign(stop_method="bayes")`):
+* design: the emergent regime at the sequential design's stopping point (by width, by budget):
   coverage of its 90% "these instances" interval, bias of log(point);
 * prior: where the hard regime's upward bias comes from (fitted vs true prior, `prior_diagnostic`).
 
@@ -36,7 +34,6 @@ series for the same seed and row.
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from collections import Counter
 
@@ -208,16 +205,14 @@ def _binomial_sampler(rng: np.random.Generator, p: np.ndarray):
     return lambda quota: (rng.binomial(quota, p), quota)
 
 
-# (stop, halfwidth, budget, min_samples before a width stop, the width stop's method)
-DESIGN_STOPS = (("width", 0.25, 10**9, 0, "likelihood"), ("width", 0.10, 3 * 10**9, 0, "likelihood"),
-                ("budget", None, 10**7, 0, "likelihood"), ("budget", None, 10**8, 0, "likelihood"),
-                ("budget", None, 10**9, 0, "likelihood"), ("width", 0.25, 10**9, 10**8, "likelihood"),
-                ("width", 0.25, 10**8, 0, "likelihood"), ("width", 0.25, 10**9, 0, "bayes"))
+# (stop, halfwidth, budget, min_samples before a width stop)
+DESIGN_STOPS = (("width", 0.25, 10**9, 0), ("width", 0.10, 3 * 10**9, 0), ("budget", None, 10**7, 0),
+                ("budget", None, 10**8, 0), ("budget", None, 10**9, 0), ("width", 0.25, 10**9, 10**8),
+                ("width", 0.25, 10**8, 0))
 
 
 def design_coverage(stop: str, halfwidth: float | None, budget: int, series: int, *, seed: int = 0,
-                    level: float = 0.9, min_samples: int = 0, refit: str = "likelihood",
-                    stop_method: str = "likelihood", verbose: bool = False, first: int = 0) -> dict:
+                    level: float = 0.9, min_samples: int = 0, refit: str = "likelihood") -> dict:
     """The emergent regime at the sequential design's stopping point: `run_sequential` (first
     round 1e5, rounds growing by 50%) until the "these instances" interval of log(target mean)
     is at most +-halfwidth (stop "width"; `budget` caps it) or `budget` is spent (stop "budget");
@@ -225,72 +220,39 @@ def design_coverage(stop: str, halfwidth: float | None, budget: int, series: int
     these 20 instances at 2.45B, of its population interval of the population mean, and the
     bias of log(point). Series s draws its truth from default_rng([seed, s]) in every row.
 
-    `stop_method` "bayes": the width stop confirmed by the full-Bayes fit (`SequentialDesign.
-    stop_method`; the stop's interval is then the Bayes one); also counted: the width candidates
-    the Bayes check refused, by reason (its interval wider than +-halfwidth, its split-R-hat above
-    1.05). `refit` other than `stop_method`: also the coverage and bias of that fit's 90% "these
-    instances" interval and point on the same stopped counts. `verbose`: one line per series as
-    it finishes (series, stop, samples, covered, log error, half-width, R-hat, refusals). `first`:
-    the first series' number (a run continued after an interruption: series first..first+series-1)."""
-    from dataclasses import replace
-
+    `refit` other than "likelihood": also the coverage and bias of that fit's 90% "these
+    instances" interval and point on the same stopped counts (the design itself, allocation and
+    stop, stays the likelihood fit's: `run_sequential` takes no fitter)."""
     from scipy.stats import norm
 
-    from passuntil.scaling.design import SequentialDesign, run_sequential, target_interval
+    from passuntil.scaling.design import SequentialDesign, run_sequential
 
     pop = population_mean("emergent")
-    these = population = stopped_by_width = lik_these = 0
-    lik_spent = []
+    these = population = stopped_by_width = 0
     err, spent, z, refit_err, refit_these = [], [], [], [], 0
-    refused = Counter()
-    for s in range(first, first + series):
-        t0 = time.time()
+    for s in range(series):
         rng = np.random.default_rng([seed, s])
         a, alpha = draw_laws("emergent", rng, 20)
         p = law_p(a[:, None] - alpha[:, None] * X[None])
         small = p[:, :-1]
         zero = np.zeros(small.shape, dtype=np.int64)
         design = SequentialDesign(TARGET, total_budget=budget, first_round=100_000, level=level,
-                                  halfwidth=halfwidth if stop == "width" else None, min_samples=min_samples,
-                                  stop_method=stop_method)
-        seen = [SeriesCounts(FIT, zero, zero)]  # the counts before each check
-        run = run_sequential(seen[0], design, _binomial_sampler(rng, small), seed=s, on_round=seen.append)
+                                  halfwidth=halfwidth if stop == "width" else None, min_samples=min_samples)
+        run = run_sequential(SeriesCounts(FIT, zero, zero), design, _binomial_sampler(rng, small), seed=s)
         r, truth = run.result, p[:, -1].mean()
-        cand = next((j for j, v in enumerate(run.verdicts) if v.method == "bayes"), None)
-        if stop_method == "bayes" and cand is not None:  # where the likelihood design stopped (same path so far)
-            lik = target_interval(seen[cand], replace(design, stop_method="likelihood"), seed=s)
-            lik_these += lik.low <= truth <= lik.high
-            lik_spent.append(seen[cand].samples.sum())
-            lik_line = (f", likelihood stop at {lik_spent[-1]:.3g} covered {lik.low <= truth <= lik.high} "
-                        f"log error {np.log(lik.point / truth):+.3f}")
-        else:
-            lik_line = ""
         these += r.low <= truth <= r.high
         population += r.population_low <= pop <= r.population_high
         stopped_by_width += r.reason == "halfwidth"
         err.append(np.log(r.point / truth))
         z.append(err[-1] / (r.log_halfwidth / norm.ppf((1 + level) / 2)))
         spent.append(run.counts.samples.sum())
-        mine = Counter(v.refused for v in run.verdicts if v.refused)
-        refused.update(mine)
-        other = ""
-        if refit != stop_method:
-            fit = FITS[refit](run.counts)
-            f = fit.forecast(TARGET, level=level, seed=s) if refit == "likelihood" else fit.forecast(TARGET, level=level)
+        if refit != "likelihood":
+            f = FITS[refit](run.counts).forecast(TARGET, level=level)
             refit_these += f.these_low <= truth <= f.these_high
             refit_err.append(np.log(f.point / truth))
-            other = f", {refit} refit covered {f.these_low <= truth <= f.these_high}, log error {refit_err[-1]:+.3f}"
-        if verbose:
-            print(f"series {s}: stop {r.reason or 'cap'}, {spent[-1]:.3g} samples, covered "
-                  f"{r.low <= truth <= r.high}, population covered {r.population_low <= pop <= r.population_high}, "
-                  f"log error {err[-1]:+.3f}, half-width {r.log_halfwidth:.3f}, R-hat {r.rhat:.3f}, "
-                  f"refusals {dict(mine) or 0}{other}{lik_line} ({time.time() - t0:.0f} s)", flush=True)
     return {"refit_these": refit_these / series if refit_err else None,
             "refit_bias": float(np.mean(refit_err)) if refit_err else None,
             "refit_se": float(np.std(refit_err, ddof=1) / np.sqrt(series)) if len(refit_err) > 1 else None,
-            "refit": refit, "refused": dict(refused), "likelihood_stops": len(lik_spent),
-            "likelihood_stop_these": lik_these / len(lik_spent) if lik_spent else None,
-            "likelihood_stop_spent": float(np.median(lik_spent)) if lik_spent else None,
             "stop": stop, "halfwidth": halfwidth, "budget": budget, "series": series, "these": these / series,
             "population": population / series, "by_width": stopped_by_width / series,
             "median_spent": float(np.median(spent)), "bias_log": float(np.mean(err)),
@@ -321,51 +283,6 @@ def warning_rates(kind: str, series: int, *, k_target: int = 2, budget: int = 10
             **{code: n / series for code, n in sorted(fired.items())}}
 
 
-SERIES_LINE = re.compile(
-    r"^series (?P<s>\d+): stop (?P<stop>\w+), (?P<spent>[^,\s]+) samples, covered (?P<cov>\w+), population covered "
-    r"(?P<pop>\w+), log error (?P<err>[^,\s]+), half-width (?P<half>[^,\s]+), R-hat (?P<rhat>[^,\s]+), refusals "
-    r"(?P<refused>0|\{[^}]*\})(?:, likelihood refit covered (?P<refit>\w+), log error (?P<refit_err>[^,\s]+))?"
-    r"(?:, likelihood stop at (?P<lik_spent>[^,\s]+) covered (?P<lik>\w+) log error (?P<lik_err>[^,\s]+))?")
-
-
-def summarise_log(path: str, level: float = 0.9) -> str:
-    """The design part's summary from its `--verbose` per-series lines (a run stopped before its
-    last series): coverage, stop, samples, bias, RMSE, z SD, refusals, the likelihood refit and
-    where the likelihood design had stopped on the same series."""
-    import ast
-    from pathlib import Path
-
-    from scipy.stats import norm
-
-    rows = [m.groupdict() for line in Path(path).read_text().splitlines() if (m := SERIES_LINE.match(line))]
-    n = len(rows)
-    err = np.array([float(r["err"]) for r in rows])
-    z = err / (np.array([float(r["half"]) for r in rows]) / norm.ppf((1 + level) / 2))
-    yes = lambda key: sum(r[key] == "True" for r in rows if r[key] is not None)  # noqa: E731
-    refused: Counter = Counter()
-    for r in rows:
-        refused.update(ast.literal_eval(r["refused"]) if r["refused"] != "0" else {})
-    lik = [r for r in rows if r["lik"] is not None]
-    refit = np.array([float(r["refit_err"]) for r in rows if r["refit_err"] is not None])
-    rhat = np.array([float(r["rhat"]) for r in rows])
-    return "\n".join([
-        f"{path}: {n} series (0..{max(int(r['s']) for r in rows)})",
-        f"stop's own 90% 'these' covers {yes('cov')}/{n} = {yes('cov') / n:.0%}; population {yes('pop') / n:.0%}; "
-        f"stopped by width {sum(r['stop'] == 'halfwidth' for r in rows) / n:.0%}; "
-        f"median samples {np.median([float(r['spent']) for r in rows]):.2g}",
-        f"bias log {err.mean():+.3f} (SE {err.std(ddof=1) / np.sqrt(n):.3f}), RMSE log {np.sqrt(np.mean(err ** 2)):.3f}, "
-        f"z SD {z.std(ddof=1):.2f}; final R-hat > 1.05 in {np.mean(rhat > 1.05):.0%} (median {np.median(rhat):.2f})",
-        "; ".join(f"stopped by {how}: covers {sum(r['cov'] == 'True' for r in rows if r['stop'] == how)}/"
-                  f"{sum(r['stop'] == how for r in rows)}" for how in sorted({r["stop"] for r in rows})),
-        f"refusals over all series: {dict(refused)}; series with any refusal "
-        f"{sum(r['refused'] != '0' for r in rows)}",
-        f"likelihood refit on the stopped counts: covers {yes('refit')}/{len(refit)}, bias log {refit.mean():+.3f} "
-        f"(SE {refit.std(ddof=1) / np.sqrt(len(refit)):.3f})" if len(refit) > 1 else "",
-        f"where the likelihood design stopped ({len(lik)} series): covers {yes('lik')}/{len(lik)}, median samples "
-        f"{np.median([float(r['lik_spent']) for r in lik]):.2g}, bias log "
-        f"{np.mean([float(r['lik_err']) for r in lik]):+.3f}" if lik else ""])
-
-
 def _rows(rows: tuple, picked: str) -> tuple:
     """The rows of a table numbered in `picked` ("0,2"; empty: all)."""
     return rows if not picked else tuple(rows[int(i)] for i in picked.split(","))
@@ -379,13 +296,7 @@ def main() -> None:
     ap.add_argument("--settings", default="", help="comma-separated row numbers of the part's table (default all)")
     ap.add_argument("--method", choices=tuple(FITS), default="likelihood",
                     help="the intervals part's fit; the design part: refit the stopped counts with it")
-    ap.add_argument("--verbose", action="store_true", help="the design part: one line per series as it finishes")
-    ap.add_argument("--first", type=int, default=0, help="the design part: the first series' number")
-    ap.add_argument("--summarise", metavar="LOG", help="summarise a design run's --verbose lines (nothing is run)")
     args = ap.parse_args()
-    if args.summarise:
-        print(summarise_log(args.summarise))
-        return
     t0 = time.time()
     if args.part in ("intervals", "both"):
         print(f"method: {args.method}\n")
@@ -399,25 +310,18 @@ def main() -> None:
                   f"| {r['population']:.0%} | {r['bias_log']:+.3f} ({r['bias_se']:.3f}) | {r['bias_log_mean']:+.3f} "
                   f"| {r['rmse_log']:.3f} | {r['width_log']:.2f} | {r['seconds']:.2f} | {bad} |", flush=True)
     if args.part == "design":
-        print("| stop | halfwidth | budget | min samples | stop method | series | stopped by width | median samples "
-              "| 90% 'these' covers | 90% 'population' covers | bias log (SE) | RMSE log | z SD |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for stop, half, budget, least, how in _rows(DESIGN_STOPS, args.settings):
+        print("| stop | halfwidth | budget | min samples | series | stopped by width | median samples | 90% 'these' covers "
+              "| 90% 'population' covers | bias log (SE) | RMSE log | z SD |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for stop, half, budget, least in _rows(DESIGN_STOPS, args.settings):
             r = design_coverage(stop, half, budget, args.series, seed=args.seed, min_samples=least,
-                                refit=args.method, stop_method=how, verbose=args.verbose, first=args.first)
-            print(f"| {stop} | {half or '-'} | {budget:.0e} | {least:.0e} | {how} | {r['series']} | {r['by_width']:.0%} | "
+                                refit=args.method)
+            print(f"| {stop} | {half or '-'} | {budget:.0e} | {least:.0e} | {r['series']} | {r['by_width']:.0%} | "
                   f"{r['median_spent']:.2g} | {r['these']:.0%} | {r['population']:.0%} | "
                   f"{r['bias_log']:+.3f} ({r['bias_se']:.3f}) | {r['rmse_log']:.3f} | {r['z_sd']:.2f} |", flush=True)
             if r["refit_these"] is not None:
-                print(f"|   {r['refit']} refit on the same stopped counts | | | | | | | | {r['refit_these']:.0%} | | "
+                print(f"|   {args.method} refit on the same stopped counts | | | | | | | {r['refit_these']:.0%} | | "
                       f"{r['refit_bias']:+.3f} ({r['refit_se']:.3f}) | | |", flush=True)
-            if how == "bayes":
-                print(f"width candidates the Bayes check refused (reason: count over all series): {r['refused'] or 0}",
-                      flush=True)
-                if r["likelihood_stops"]:
-                    print(f"where the likelihood design stopped ({r['likelihood_stops']} series with a width "
-                          f"candidate): 90% 'these' covers {r['likelihood_stop_these']:.0%}, median samples "
-                          f"{r['likelihood_stop_spent']:.2g}", flush=True)
     if args.part == "prior":
         print("| prior used for the posterior | series | point / truth - 1 (sums) | bias log (SE) |")
         print("|---|---|---|---|")

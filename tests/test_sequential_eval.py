@@ -121,34 +121,6 @@ def test_no_width_stop_before_the_guard(tmp_path, capsys):
     assert code == 0, err
 
 
-def test_a_width_stop_confirmed_by_the_bayes_fit_is_recorded_and_kept_on_resume(tmp_path, capsys):
-    """--width-stop-method bayes: the run finishes, records the setting (shown by `show`), ends on
-    the full-Bayes fit's interval (its split-R-hat recorded; a width stop only within the width
-    and at R-hat <= 1.05), and a resume asking for the likelihood stop is refused in one line.
-    Runs recorded before the setting read back as "likelihood"."""
-    from passuntil.sequential import DesignSettings
-
-    store = tmp_path / "bw.sqlite"
-    code, out, err = _design(capsys, store, "bw", "--total-budget", "1e5", "--round-size", "4000",
-                             "--target-width", "0.05", "--width-stop-method", "bayes")
-    assert code == 0, err
-    rounds, results, config = _log(store, "bw")
-    assert config["design"]["width_stop_method"] == "bayes"
-    res = results["sim-scaling"]
-    iv = res["interval"]
-    assert iv["method"] == "bayes" and iv["rhat"] is not None and "from the full-Bayes fit" in out
-    if res["reason"] == "halfwidth":
-        assert iv["log_halfwidth"] <= 0.05 and iv["rhat"] <= 1.05 and iv["refused"] == ""
-    assert all(e["interval"]["method"] == "likelihood" or e["interval"]["refused"] for e in rounds)
-    assert "confirmed by the full-Bayes fit" in run_cli(capsys, "show", str(store), "--run", "bw")[1]
-    code, _, err = run_cli(capsys, "eval", "--store", str(store), "--run", "bw", "--resume",
-                           "--width-stop-method", "likelihood")
-    assert code == 2 and "was made with --width-stop-method 'bayes', not 'likelihood'" in err
-    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
-    old = {k: v for k, v in config["design"].items() if k != "width_stop_method"}
-    assert DesignSettings.from_dict(old).width_stop_method == "likelihood"
-
-
 def test_a_target_below_the_smallest_size_is_noted_as_a_downward_extrapolation(tmp_path, capsys):
     store = tmp_path / "low.sqlite"
     code, _, err = run_cli(capsys, "eval", "--task", "sim-scaling", "--series", "sim", "--design", "forecast",
@@ -307,7 +279,6 @@ def test_the_bundled_tiny_series_runs_a_design_toward_tiny_7(tmp_path, capsys, m
     (("--target-n", "1e9", "--total-budget", "100", "--width-stop-after", "1e4"), "it needs --target-width"),
     (("--target-n", "1e9", "--target-width", "0.1", "--width-stop-after", "-1"),
      "--width-stop-after must be a whole number"),
-    (("--target-n", "1e9", "--total-budget", "100", "--width-stop-method", "bayes"), "it needs --target-width"),
     (("--target-n", "1e9", "--total-budget", "100", "--exact"), "--exact does not combine with --design"),
     (("--target-model", "2.4B", "--total-budget", "100", "--model", "0.03B", "--model", "2.4B"),
      "is the forecast's target and is not sampled"),
