@@ -241,3 +241,61 @@ def test_without_a_compiler_eval_runs_says_so_once_and_records_the_path(tmp_path
                     "not its fastest path"]
     config = json.loads(sqlite3.connect(store).execute("SELECT config_json FROM runs").fetchone()[0])
     assert config["samplers"]["tiny-2"]["kernel"] == "pytorch (no C compiler (cc or $CC))"
+
+
+def _plan_inputs(S: int, R: int, seed: int):
+    """Random weights, prefixes of unequal lengths and empty suffix caches for a DecodePlan of S
+    segments of R rows (2 layers, 3 heads of 16, F = 40, V = 37)."""
+    g = torch.Generator().manual_seed(seed)
+    L, H, d, F_, V, T, M, P = 2, 3, 16, 40, 37, 32, 12, 2
+    C = H * d
+    rnd = lambda *shape: torch.randn(*shape, generator=g) / shape[-1] ** 0.5  # noqa: E731
+    layers = [(rnd(3 * C, C), rnd(C, C), rnd(2 * F_, C), rnd(C, F_)) for _ in range(L)]
+    plen = torch.tensor([29, 5])
+    kp, vp = [], []
+    for _ in range(L):
+        k, v = torch.randn(P, H, T, d, generator=g), torch.randn(P, H, T, d, generator=g)
+        for p in range(P):
+            k[p, :, plen[p]:] = 0
+            v[p, :, plen[p]:] = 0
+        kp.append(k.transpose(-1, -2).contiguous())
+        vp.append(v)
+    seg_prefix = torch.tensor([1, 0, 1])[:S].contiguous()
+    ks = [torch.zeros(S, H, M // 4, R, d, 4) for _ in range(L)]
+    vs = [torch.zeros(S, H, M, R, d) for _ in range(L)]
+    n = S * R
+    buffers = {k: torch.empty(n, cols) for k, cols in (("norm", C), ("qkv", 3 * C), ("attention", C),
+                                                       ("gate_up", 2 * F_), ("act", F_), ("logits", V))}
+    return layers, rnd(V, C), (kp, vp, seg_prefix, plen), ks, vs, buffers, d**-0.5
+
+
+@needs_kernel
+@pytest.mark.parametrize("S, R", [(1, 13), (3, 13), (3, 5), (2, 32)])
+def test_whole_step_on_two_threads_equals_one_thread(S, R):
+    """decode_step splits the rows over the threads (blocks of 8 rows inside segments, each thread
+    running every layer for its rows): step after step, the same logits, residual stream and
+    suffix caches as on one thread, up to the rounding of matrix products of other sizes; rows
+    past a multiple of 8 and segments with prefixes of unequal length."""
+    if cpu_kernel.blas_sgemm() is None:
+        pytest.skip("this PyTorch exports no sgemm")
+    before = torch.get_num_threads()
+    runs = []
+    for threads in (1, 2):
+        layers, head, prefix, ks, vs, buffers, scale = _plan_inputs(S, R, seed=7)
+        plan = cpu_kernel.DecodePlan(layers, head, 1e-5, prefix, ks, vs, buffers, scale)
+        g = torch.Generator().manual_seed(8)
+        logits, xs = [], []
+        torch.set_num_threads(threads)
+        try:
+            for step in range(6):
+                x = torch.randn(S * R, plan.C, generator=g)
+                angle = torch.rand(S, plan.d // 2, generator=g) * 6.3
+                logits.append(plan.step(x, angle.cos(), angle.sin(), step).clone())
+                xs.append(x)
+        finally:
+            torch.set_num_threads(before)
+        runs.append((logits, xs, ks, vs))
+    (l1, x1, k1, v1), (l2, x2, k2, v2) = runs
+    assert all(torch.isfinite(a).all() and a.abs().max() > 0.1 for a in l1)
+    for a, b in zip(l1 + x1 + k1 + v1, l2 + x2 + k2 + v2):
+        assert (a - b).abs().max() <= 1e-5

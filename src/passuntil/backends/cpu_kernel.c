@@ -13,13 +13,16 @@
  *
  * rms_norm and silu_mul: the rest of a layer's element-wise work, one pass each. gather_rows:
  * the rows' moves when the sampler repacks its suffix caches. decode_step: a whole decoding step,
- * all of the above per layer with the matrix products in the BLAS sgemm PyTorch exports.
+ * all of the above per layer with the matrix products in the BLAS sgemm PyTorch exports, split
+ * by rows: one parallel region per step, each thread running every layer and the LM head for its
+ * own rows (rows are independent within a step, so no barrier between layers).
  *
  * Written with GCC/Clang vector extensions (16 floats), so it compiles to AVX-512, AVX2 or NEON.
  * Each function splits its work over OpenMP threads; loaded after PyTorch, this library shares
  * PyTorch's libgomp (same soname) and so its thread pool.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -45,7 +48,6 @@ typedef struct {
     float *out;            /* (S*R, H*d) */
     int64_t step, S, R, H, d, T, M;
     float scale;
-    int64_t begin, end;    /* this thread's (segment, head) items */
 } Args;
 
 static inline v16 load(const float *p) { return *(const v16u *)p; }
@@ -83,9 +85,10 @@ static inline void rotate(float *dst, const float *src, const float *cs, const f
     }
 }
 
-static inline __attribute__((always_inline)) void run_item(const Args *a, int64_t item, const int64_t nv) {
+/* Segment s, head h, for the segment's rows [rlo, rhi) (in blocks of RB from rlo). */
+static inline __attribute__((always_inline)) void run_item(const Args *a, int64_t s, int64_t h, int64_t rlo,
+                                                           int64_t rhi, const int64_t nv) {
     const int64_t R = a->R, H = a->H, T = a->T, step = a->step, d = nv * 16;
-    const int64_t s = item / H, h = item % H;
     const int64_t p = a->seg_prefix[s], tp = a->plen[p], tb = (tp + 15) / 16 * 16;
     const int64_t width = tb + (step + 1 + 15) / 16 * 16;  /* scores: prefix blocks, then suffix */
     const float *KT = a->kpT + (p * H + h) * d * T, *V = a->vp + (p * H + h) * T * d;
@@ -94,9 +97,9 @@ static inline __attribute__((always_inline)) void run_item(const Args *a, int64_
     float *Kitem = a->KsT + (s * H + h) * ((a->M + 3) / 4) * R * d * 4, *Vitem = a->Vs + (s * H + h) * a->M * R * d;
     const int64_t kblock = R * d * 4, vpos = R * d;  /* floats per 4 key positions, per value position */
     float q[RB][d], sc[RB][width];
-    for (int64_t r0 = 0; r0 < R; r0 += RB) {
-        int64_t rows[RB];  /* rows past R repeat the last row: same values, written twice */
-        for (int b = 0; b < RB; b++) rows[b] = r0 + b < R ? r0 + b : R - 1;
+    for (int64_t r0 = rlo; r0 < rhi; r0 += RB) {
+        int64_t rows[RB];  /* rows past rhi repeat the last row: same values, written twice */
+        for (int b = 0; b < RB; b++) rows[b] = r0 + b < rhi ? r0 + b : rhi - 1;
         const float *KsT[RB], *Vrow[RB];  /* each row's own first (d, 4) key block and value */
         for (int b = 0; b < RB; b++) {
             const float *qs = a->qkv + (s * R + rows[b]) * 3 * H * d + h * d;
@@ -110,7 +113,7 @@ static inline __attribute__((always_inline)) void run_item(const Args *a, int64_
         }
         {  /* start the suffix reads now: they come from memory, and the prefix work below hides
               the wait. The block's rows are adjacent: one run of memory per position block. */
-            const int64_t nb = r0 + RB <= R ? RB : R - r0;
+            const int64_t nb = r0 + RB <= rhi ? RB : rhi - r0;
             for (int64_t i = 0; i <= step; i += 4)
                 for (int64_t j = 0; j < nb * d * 4; j += 16) __builtin_prefetch(KsT[0] + i / 4 * kblock + j, 0, 3);
             for (int64_t i = 0; i <= step; i++)
@@ -168,10 +171,12 @@ static inline __attribute__((always_inline)) void run_item(const Args *a, int64_
     }
 }
 
-static void run_range(const Args *a) {
-    for (int64_t item = a->begin; item < a->end; item++) {
-        if (a->d == 16) run_item(a, item, 1);  /* the bundled series' head size, fully unrolled */
-        else run_item(a, item, a->d / 16);
+/* Items [begin, end) of the (segment, head) items, each for rows [rlo, rhi) of its segment. */
+static void run_range(const Args *a, int64_t begin, int64_t end, int64_t rlo, int64_t rhi) {
+    for (int64_t item = begin; item < end; item++) {
+        if (a->d == 16) run_item(a, item / a->H, item % a->H, rlo, rhi, 1);  /* the bundled series' head size,
+                                                                                  fully unrolled */
+        else run_item(a, item / a->H, item % a->H, rlo, rhi, a->d / 16);
     }
 }
 
@@ -185,11 +190,22 @@ int decode_attention(const float *qkv, const float *cosv, const float *sinv, con
     threads = threads < 1 ? 1 : threads > items ? items : threads;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < threads; i++) {
-        Args args = {qkv, cosv, sinv, kpT, vp, seg_prefix, plen, KsT, Vs, out,
-                     step, S, R, H, d, T, M, scale, items * i / threads, items * (i + 1) / threads};
-        run_range(&args);
+        const Args args = {qkv, cosv, sinv, kpT, vp, seg_prefix, plen, KsT, Vs, out, step, S, R, H, d, T, M, scale};
+        run_range(&args, items * i / threads, items * (i + 1) / threads, 0, R);
     }
     return 0;
+}
+
+static inline void rms_row(const float *xi, float *oi, int64_t C, float eps) {
+    v16 acc = splat(0.0f);
+    int64_t j = 0;
+    for (; j + 16 <= C; j += 16) { const v16 v = load(xi + j); acc += v * v; }
+    float ss = hsum(acc);
+    for (; j < C; j++) ss += xi[j] * xi[j];
+    const float inv = 1.0f / sqrtf(ss / (float)C + eps);
+    j = 0;
+    for (; j + 16 <= C; j += 16) store(oi + j, load(xi + j) * inv);
+    for (; j < C; j++) oi[j] = xi[j] * inv;
 }
 
 /* out[i] = x[i] / sqrt(mean(x[i]^2) + eps) for each of n rows of C floats (the norm's weight is
@@ -197,19 +213,7 @@ int decode_attention(const float *qkv, const float *cosv, const float *sinv, con
 int rms_norm(const float *x, float *out, int64_t n, int64_t C, float eps, int64_t threads) {
     threads = threads < 1 ? 1 : threads;
 #pragma omp parallel for schedule(static) num_threads(threads) if (n * C >= 16384)
-    for (int64_t i = 0; i < n; i++) {
-        const float *xi = x + i * C;
-        float *oi = out + i * C;
-        v16 acc = splat(0.0f);
-        int64_t j = 0;
-        for (; j + 16 <= C; j += 16) { const v16 v = load(xi + j); acc += v * v; }
-        float ss = hsum(acc);
-        for (; j < C; j++) ss += xi[j] * xi[j];
-        const float inv = 1.0f / sqrtf(ss / (float)C + eps);
-        j = 0;
-        for (; j + 16 <= C; j += 16) store(oi + j, load(xi + j) * inv);
-        for (; j < C; j++) oi[j] = xi[j] * inv;
-    }
+    for (int64_t i = 0; i < n; i++) rms_row(x + i * C, out + i * C, C, eps);
     return 0;
 }
 
@@ -220,17 +224,18 @@ static inline v16 silu(v16 x) {
     return x * select(neg, e, splat(1.0f)) / (1.0f + e);
 }
 
+static inline void silu_row(const float *g, float *oi, int64_t F) {
+    const float *u = g + F;
+    int64_t j = 0;
+    for (; j + 16 <= F; j += 16) store(oi + j, silu(load(g + j)) * load(u + j));
+    for (; j < F; j++) oi[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+}
+
 /* out[i, :] = SiLU(gu[i, :F]) * gu[i, F:] for each of n rows of the fused gate|up projection. */
 int silu_mul(const float *gu, float *out, int64_t n, int64_t F, int64_t threads) {
     threads = threads < 1 ? 1 : threads;
 #pragma omp parallel for schedule(static) num_threads(threads) if (n * F >= 16384)
-    for (int64_t i = 0; i < n; i++) {
-        const float *g = gu + i * 2 * F, *u = g + F;
-        float *oi = out + i * F;
-        int64_t j = 0;
-        for (; j + 16 <= F; j += 16) store(oi + j, silu(load(g + j)) * load(u + j));
-        for (; j < F; j++) oi[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
-    }
+    for (int64_t i = 0; i < n; i++) silu_row(gu + i * 2 * F, out + i * F, F);
     return 0;
 }
 
@@ -282,26 +287,88 @@ int gemm_check(void *gemm_fn, const float *x, const float *w, float *y, int64_t 
     return 0;
 }
 
+
+/* decode_step's arguments, shared by its threads. */
+typedef struct {
+    sgemm_t gemm;
+    int64_t L;
+    const int64_t *w, *kp, *vp, *ks, *vs;
+    const float *head;
+    float *x, *norm, *qkv, *att, *gu, *act, *logits;
+    int64_t C, F, V;
+    float eps;
+    Args attention;  /* all but the four cache pointers, which are per layer */
+} Step;
+
+/* Rows [lo, hi) through every layer and the LM head, on the calling thread alone (except that
+   outside a parallel region the BLAS may use its own threads). The row range starts at a block of
+   RB rows of its segment, and within each segment it covers whole blocks, or runs to the end. */
+static void step_rows(const Step *st, int64_t lo, int64_t hi) {
+    const int64_t C = st->C, F = st->F, R = st->attention.R, H = st->attention.H, n = hi - lo;
+    if (n <= 0) return;
+    float *x = st->x + lo * C, *norm = st->norm + lo * C, *qkv = st->qkv + lo * 3 * C, *att = st->att + lo * C;
+    float *gu = st->gu + lo * 2 * F, *act = st->act + lo * F;
+    for (int64_t l = 0; l < st->L; l++) {
+        const float *const *w = (const float *const *)(st->w + 4 * l);
+        for (int64_t i = 0; i < n; i++) rms_row(x + i * C, norm + i * C, C, st->eps);
+        linear(st->gemm, norm, w[0], qkv, n, 3 * C, C, 0.0f);
+        Args a = st->attention;
+        a.kpT = (const float *)st->kp[l];
+        a.vp = (const float *)st->vp[l];
+        a.KsT = (float *)st->ks[l];
+        a.Vs = (float *)st->vs[l];
+        for (int64_t s = lo / R; s * R < hi; s++) {
+            const int64_t rlo = (lo > s * R ? lo : s * R) - s * R, rhi = (hi < (s + 1) * R ? hi : (s + 1) * R) - s * R;
+            run_range(&a, s * H, (s + 1) * H, rlo, rhi);
+        }
+        linear(st->gemm, att, w[1], x, n, C, C, 1.0f);
+        for (int64_t i = 0; i < n; i++) rms_row(x + i * C, norm + i * C, C, st->eps);
+        linear(st->gemm, norm, w[2], gu, n, 2 * F, C, 0.0f);
+        for (int64_t i = 0; i < n; i++) silu_row(gu + i * 2 * F, act + i * F, F);
+        linear(st->gemm, act, w[3], x, n, C, F, 1.0f);
+    }
+    for (int64_t i = 0; i < n; i++) rms_row(x + i * C, norm + i * C, C, st->eps);
+    linear(st->gemm, norm, st->head, st->logits + lo * st->V, n, st->V, C, 0.0f);
+}
+
+/* The first row of block u, the blocks numbered segment-major (ceil(R / RB) per segment). */
+static inline int64_t block_start(int64_t u, int64_t R) {
+    const int64_t per = (R + RB - 1) / RB;
+    return u / per * R + u % per * RB;
+}
+
+/* The block at which part t of `parts` starts: the block boundary nearest to row n * t / parts,
+   so that the parts hold about equal numbers of rows (the last part ends at block `blocks`). */
+static int64_t split_block(int64_t t, int64_t parts, int64_t blocks, int64_t R, int64_t n) {
+    const int64_t target = n * t / parts;
+    int64_t u = 0;
+    while (u < blocks && block_start(u + 1, R) <= target) u++;
+    if (u < blocks && block_start(u + 1, R) - target < target - block_start(u, R)) u++;
+    return t >= parts ? blocks : u;
+}
+
 int decode_step(void *gemm_fn, int64_t L, const int64_t *w, const float *head, float *x, float *norm, float *qkv,
                 float *att, float *gu, float *act, float *logits, int64_t n, int64_t C, int64_t F, int64_t V, float eps,
                 const float *cosv, const float *sinv, const int64_t *kp, const int64_t *vp, const int64_t *seg_prefix,
                 const int64_t *plen, const int64_t *ks, const int64_t *vs, int64_t step, int64_t S, int64_t R,
                 int64_t H, int64_t d, int64_t T, int64_t M, float scale, int64_t threads) {
-    sgemm_t gemm = (sgemm_t)gemm_fn;
     if (S * R != n || H * d != C || n > INT32_MAX || 3 * C > INT32_MAX || 2 * F > INT32_MAX || V > INT32_MAX) return 1;
-    for (int64_t l = 0; l < L; l++) {
-        rms_norm(x, norm, n, C, eps, threads);
-        linear(gemm, norm, (const float *)w[4 * l], qkv, n, 3 * C, C, 0.0f);
-        if (decode_attention(qkv, cosv, sinv, (const float *)kp[l], (const float *)vp[l], seg_prefix, plen,
-                             (float *)ks[l], (float *)vs[l], att, step, S, R, H, d, T, M, scale, threads))
-            return 1;
-        linear(gemm, att, (const float *)w[4 * l + 1], x, n, C, C, 1.0f);
-        rms_norm(x, norm, n, C, eps, threads);
-        linear(gemm, norm, (const float *)w[4 * l + 2], gu, n, 2 * F, C, 0.0f);
-        silu_mul(gu, act, n, F, threads);
-        linear(gemm, act, (const float *)w[4 * l + 3], x, n, C, F, 1.0f);
+    if (d % 16 != 0 || T % 16 != 0 || step >= M) return 1;
+    const Step st = {(sgemm_t)gemm_fn, L, w, kp, vp, ks, vs, head, x, norm, qkv, att, gu, act, logits, C, F, V, eps,
+                     {qkv, cosv, sinv, NULL, NULL, seg_prefix, plen, NULL, NULL, att, step, S, R, H, d, T, M, scale}};
+    const int64_t blocks = S * ((R + RB - 1) / RB);
+    threads = threads < 1 ? 1 : threads > blocks ? blocks : threads;
+    if (threads == 1) {  /* the whole batch on this thread; the BLAS threads as it is set to */
+        step_rows(&st, 0, n);
+        return 0;
     }
-    rms_norm(x, norm, n, C, eps, threads);
-    linear(gemm, norm, head, logits, n, V, C, 0.0f);
+    /* one parallel region for the whole step: thread t runs its rows through every layer. Inside
+       the region the BLAS (MKL, GNU OpenMP) runs each product on the calling thread. */
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t t = omp_get_thread_num(), parts = omp_get_num_threads();
+        step_rows(&st, block_start(split_block(t, parts, blocks, R, n), R),
+                  block_start(split_block(t + 1, parts, blocks, R, n), R));
+    }
     return 0;
 }

@@ -230,7 +230,10 @@ class DecodePlan:
     """A decoding step in one C call (`decode_step`: every layer and the LM head, matmuls in
     PyTorch's sgemm) for one layout of a chunk: n rows in S segments, with these caches,
     prefixes and scratch buffers, all checked here once; `step` then checks only its inputs.
-    Needs `blas_sgemm()` and a SiLU-gated model."""
+    On several threads the rows are split between them (blocks of 8 rows of a segment), each
+    thread running the whole step for its rows in one parallel region: the same logits as one
+    thread up to the rounding of smaller matrix products. Needs `blas_sgemm()` and a SiLU-gated
+    model."""
 
     def __init__(self, layers: list[tuple[torch.Tensor, ...]], head: torch.Tensor, eps: float, prefix: tuple,
                  ks: list[torch.Tensor], vs: list[torch.Tensor], buffers: dict[str, torch.Tensor], scale: float):
