@@ -47,7 +47,6 @@ from passuntil.scaling.task_law import (
     _loglik,
     _posterior_modes,
     lack_of_fit,
-    lack_of_fit_warning,
     law_p,
 )
 
@@ -150,26 +149,15 @@ class BayesFit(TaskFit):
         and intervals; a warning where the chains disagree (split-R-hat above RHAT_WARN)."""
         if target not in ("these", "population"):
             raise ValueError(f"the interval target is 'these' or 'population' (got {target!r})")
-        qs = [(1 - level) / 2, (1 + level) / 2]
         x = np.log(n_params) - self.x0
         per = law_p(self.draws_ab[..., 0] - self.draws_ab[..., 1] * x)  # (B, I)
-        these = per.mean(axis=1)
-        population = self.population_draws(n_params, seed=seed)
-        t_lo, t_hi = np.quantile(these, qs)
-        p_lo, p_hi = np.quantile(population, qs)
-        inst_lo, inst_hi = np.quantile(per, qs, axis=0)
         warn = []
         r = self.rhat(n_params)
         if not r <= RHAT_WARN:
             warn.append(f"the bayes fit's chains disagree (split-R-hat {r:.3g} > {RHAT_WARN} on the log mean at "
                         "the target): the interval is not reliable")
-        phi = self.dispersion
-        warn += lack_of_fit_warning(phi)
-        lo, hi = (t_lo, t_hi) if target == "these" else (p_lo, p_hi)
-        tup = lambda v: tuple(float(x) for x in v)  # noqa: E731
-        return Forecast(float(n_params), float(np.median(these)), float(lo), float(hi), level, self.method,
-                        tuple(warn), target, float(t_lo), float(t_hi), float(p_lo), float(p_hi),
-                        tup(np.median(per, axis=0)), tup(inst_lo), tup(inst_hi), tup(phi))
+        return Forecast.from_draws(n_params, per, self.population_draws(n_params, seed=seed), level=level,
+                                   method=self.method, target=target, phi=self.dispersion, warnings=warn)
 
 
 def _start(k, n, x, phi):

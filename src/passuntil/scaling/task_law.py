@@ -91,6 +91,28 @@ class Forecast:
     instance_high: tuple[float, ...] = ()
     dispersion: tuple[float, ...] = ()
 
+    @classmethod
+    def from_draws(cls, n_params: float, per: np.ndarray, population: np.ndarray, *, level: float, method: str,
+                   target: str, phi: np.ndarray, warnings: list[str], point: float | None = None,
+                   instance_point: np.ndarray | None = None) -> Forecast:
+        """The forecast a fit's draws give: `per` (draws, instances) of each instance's PU at N,
+        `population` draws of the population mean. Both intervals are central `level` quantiles
+        (of per's row means, of population); point and per-instance points are the medians of
+        the same draws unless given (the least-squares fits give their laws' values);
+        `warnings` plus the lack-of-fit warning for the dispersions `phi`."""
+        qs = [(1 - level) / 2, (1 + level) / 2]
+        these = per.mean(axis=1)
+        t_lo, t_hi = np.quantile(these, qs)
+        p_lo, p_hi = np.quantile(population, qs)
+        inst_lo, inst_hi = np.quantile(per, qs, axis=0)
+        point = float(np.median(these)) if point is None else point
+        inst_point = np.median(per, axis=0) if instance_point is None else instance_point
+        lo, hi = (t_lo, t_hi) if target == "these" else (p_lo, p_hi)
+        tup = lambda v: tuple(float(x) for x in v)  # noqa: E731
+        return cls(float(n_params), float(point), float(lo), float(hi), level, method,
+                   tuple(warnings + lack_of_fit_warning(phi)), target, float(t_lo), float(t_hi), float(p_lo),
+                   float(p_hi), tup(inst_point), tup(inst_lo), tup(inst_hi), tup(phi))
+
     def to_dict(self) -> dict:
         return {"n_params": self.n_params, "point": self.point, "low": self.low, "high": self.high,
                 "level": self.level, "method": self.method, "warnings": list(self.warnings),
@@ -261,28 +283,18 @@ class TaskFit:
         biased low where instances are uncertain.)"""
         if target not in ("these", "population"):
             raise ValueError(f"the interval target is 'these' or 'population' (got {target!r})")
-        qs = [(1 - level) / 2, (1 + level) / 2]
         per = self.instance_draws(n_params, seed=seed)  # (B, I)
-        these = per.mean(axis=1)
         population = (self.sample_means(n_params, seed=seed) if self.draws_ab is not None
                       else self._expanded_means(per, level, seed))
-        t_lo, t_hi = np.quantile(these, qs)
-        p_lo, p_hi = np.quantile(population, qs)
-        likelihood = self.posterior is not None
-        point = float(np.median(these)) if likelihood else self.predict(n_params)
-        inst_point = np.median(per, axis=0) if likelihood else self.instance_p(n_params)
-        inst_lo, inst_hi = np.quantile(per, qs, axis=0)
+        likelihood = self.posterior is not None  # else a least-squares fit: its laws' own values
         warn = []
         if np.isnan(self.a).any():
             warn.append(f"{int(np.isnan(self.a).sum())} instance(s) had too few non-zero points to fit "
                         "and forecast 0")
-        phi = self.dispersion
-        warn += lack_of_fit_warning(phi)
-        lo, hi = (t_lo, t_hi) if target == "these" else (p_lo, p_hi)
-        tup = lambda v: tuple(float(x) for x in v)  # noqa: E731
-        return Forecast(float(n_params), point, float(lo), float(hi), level, self.method, tuple(warn), target,
-                        float(t_lo), float(t_hi), float(p_lo), float(p_hi), tup(inst_point), tup(inst_lo),
-                        tup(inst_hi), tup(phi))
+        return Forecast.from_draws(n_params, per, population, level=level, method=self.method, target=target,
+                                   phi=self.dispersion, warnings=warn,
+                                   point=None if likelihood else self.predict(n_params),
+                                   instance_point=None if likelihood else self.instance_p(n_params))
 
     def to_dict(self) -> dict:
         return {"method": self.method, "x0": self.x0, "a": self.a.tolist(), "alpha": self.alpha.tolist(),
