@@ -191,17 +191,21 @@ def fit_summary(store_path: str, *, task: str, run_id: str | None = None, models
 
 
 def forecast(store_path: str, *, task: str, run_id: str | None, target_model: str | None,
-             target_n: float | None, method: str, level: float, thresholds=(),
-             table: RunTable | None = None) -> ForecastRecord:
+             target_n: float | None, method: str, level: float, thresholds=()) -> ForecastRecord:
     """A forecast record for a target model of the run (left out of the data, if it has any:
     a design run's target has none) or a size. A model with unfinished instances (a killed
-    run) is fitted on its finished ones, and the record says so (`unfinished` warning).
-    `table`: the run already read (then store_path and run_id are not read again)."""
-    import dataclasses
-
+    run) is fitted on its finished ones, and the record says so (`unfinished` warning)."""
     if (target_model is None) == (target_n is None):
         raise UserError("give either --target-model (a model of the run to hold out) or --target-n (a size)")
-    run = table or RunTable.read(store_path, run_id)
+    return forecast_run(RunTable.read(store_path, run_id), task=task, target_model=target_model,
+                        target_n=target_n, method=method, level=level, thresholds=thresholds)
+
+
+def forecast_run(run: RunTable, *, task: str, target_model: str | None, target_n: float | None, method: str,
+                 level: float, thresholds=()) -> ForecastRecord:
+    """`forecast` on a run already read (one of `target_model`, `target_n`)."""
+    import dataclasses
+
     exclude = ()
     if target_model:
         target_n, has_results = _target_model(run, task, target_model)

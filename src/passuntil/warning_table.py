@@ -18,7 +18,7 @@ from passuntil.analysis import (
     RunTable,
     exact_data,
     fired,
-    forecast,
+    forecast_run,
     open_run,
     open_runs,
     task_counts,
@@ -35,8 +35,8 @@ def _sampled_warnings(run: RunTable, task, target_model, target_n, record) -> tu
         _, df = task_counts(run, task)
         held = target_model if target_model in set(df["model"]) else None
         try:
-            record = forecast("", task=task, run_id=run.run_id, target_model=held, table=run,
-                              target_n=None if held else target_n, method="likelihood", level=0.9)
+            record = forecast_run(run, task=task, target_model=held, target_n=None if held else target_n,
+                                  method="likelihood", level=0.9)
         except UserError as err:
             if "all-zero" not in str(err):
                 raise
@@ -60,8 +60,8 @@ def warning_comparison(store_path: str, *, sampled_run: str, exact_run: str, tar
         if whole is None or target_model not in whole[1]:
             continue
         n, names, _, p, _ = whole
-        record = forecast(store_path, task=task, run_id=exact_run, target_model=target_model, target_n=None,
-                          method="likelihood", level=0.9, table=exact)
+        record = forecast_run(exact, task=task, target_model=target_model, target_n=None, method="likelihood",
+                              level=0.9)
         if task not in sampled and pu_run is None:
             pu_run = RunTable.read(store_path, sampled_run)
         pu_class, pu_codes = _sampled_warnings(pu_run, task, target_model, record.target_n, sampled.get(task))
