@@ -49,8 +49,7 @@ def trajectory(seed: int, s: int, budget: int, pop: float) -> dict:
         if int(c.passes.sum()) == 0:
             rounds.append({"spent": spent, "half": None})
             return
-        fit = fit_likelihood(c)
-        f = fit.forecast(TARGET, level=0.9, seed=s)  # = target_interval's numbers
+        f = fit_likelihood(c).forecast(TARGET, level=0.9, seed=s)  # = target_interval's numbers
         lo, hi = float(f.these_low), float(f.these_high)
         two = (c.passes > 0).sum(axis=1) >= 2  # instances with passes at two or more sizes
         ip = np.asarray(f.instance_point, dtype=float)
@@ -58,8 +57,7 @@ def trajectory(seed: int, s: int, budget: int, pop: float) -> dict:
                        "point": float(f.point), "lo": lo, "hi": hi, "covered": lo <= truth <= hi,
                        "pop_covered": float(f.population_low) <= pop <= float(f.population_high),
                        "identified": bool(_identified(c, design.min_passes)), "n_two": int(two.sum()),
-                       "share_two": float(np.nansum(ip[two]) / np.nansum(ip)) if np.nansum(ip) > 0 else 0.0,
-                       "slope_sd": float(np.sqrt(fit.extra["prior_cov"][1][1]))})
+                       "share_two": float(np.nansum(ip[two]) / np.nansum(ip)) if np.nansum(ip) > 0 else 0.0})
 
     run_sequential(SeriesCounts(FIT, zero, zero), design, _binomial_sampler(rng, small), seed=s, on_round=on_round)
     return {"series": s, "seed": seed, "truth": truth, "rounds": rounds, "secs": time.time() - t0}
