@@ -271,8 +271,8 @@ def _plan_inputs(S: int, R: int, seed: int):
 
 @needs_kernel
 @pytest.mark.parametrize("S, R", [(1, 13), (3, 13), (3, 5), (2, 32)])
-def test_whole_step_on_two_threads_equals_one_thread(S, R):
-    """decode_step splits the rows over the threads (blocks of 8 rows inside segments, each thread
+def test_whole_step_split_over_threads_equals_one_thread(S, R):
+    """decode_step splits the rows over 2 or 5 threads (blocks of 8 rows inside segments, each thread
     running every layer for its rows): step after step, the same logits, residual stream and
     suffix caches as on one thread, up to the rounding of matrix products of other sizes; rows
     past a multiple of 8 and segments with prefixes of unequal length."""
@@ -280,7 +280,7 @@ def test_whole_step_on_two_threads_equals_one_thread(S, R):
         pytest.skip("this PyTorch exports no sgemm")
     before = torch.get_num_threads()
     runs = []
-    for threads in (1, 2):
+    for threads in (1, 2, 5):  # 5: more threads than (3, 5)'s and (1, 13)'s row blocks
         layers, head, prefix, ks, vs, buffers, scale = _plan_inputs(S, R, seed=7)
         plan = cpu_kernel.DecodePlan(layers, head, 1e-5, prefix, ks, vs, buffers, scale)
         g = torch.Generator().manual_seed(8)
@@ -295,7 +295,8 @@ def test_whole_step_on_two_threads_equals_one_thread(S, R):
         finally:
             torch.set_num_threads(before)
         runs.append((logits, xs, ks, vs))
-    (l1, x1, k1, v1), (l2, x2, k2, v2) = runs
+    (l1, x1, k1, v1), *others = runs
     assert all(torch.isfinite(a).all() and a.abs().max() > 0.1 for a in l1)
-    for a, b in zip(l1 + x1 + k1 + v1, l2 + x2 + k2 + v2):
-        assert (a - b).abs().max() <= 1e-5
+    for l2, x2, k2, v2 in others:
+        for a, b in zip(l1 + x1 + k1 + v1, l2 + x2 + k2 + v2):
+            assert (a - b).abs().max() <= 1e-5
