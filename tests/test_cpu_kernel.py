@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from passuntil.backends import cpu_kernel, torch_backend
 from passuntil.backends.base import SamplingParams
 from passuntil.backends.torch_backend import TorchSampler
+from passuntil.seeding import row_keys
 
 SMALL = Path(__file__).parents[1] / "src/passuntil/bundled/tiny/tiny-3"
 
@@ -86,6 +87,51 @@ def test_rms_norm_and_silu_mul_equal_pytorch():
     gate_up = torch.randn(37, 2 * 280, generator=g) * 20  # SiLU far into both tails; 280 = 17 * 16 + 8
     gate, up = gate_up.chunk(2, dim=-1)
     assert torch.allclose(cpu_kernel.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_sample_tokens_draws_the_pytorch_paths_tokens_from_the_softmax():
+    """The C draw (`sample_tokens`) against the sampler's PyTorch draw on the same uniforms:
+    the same token on (almost) every row, at several temperatures and a vocabulary that is not
+    a multiple of 16; on one row drawn 20,000 times, the softmax's frequencies (chi-square);
+    a token of weight zero (logit -inf) is never drawn, even where the uniform is the last."""
+    from scipy import stats
+
+    g = torch.Generator().manual_seed(0)
+    B, V = 700, 257
+    logits = torch.randn(B, V, generator=g) * 3
+    temp = torch.rand(B, generator=g) + 0.3
+    keys = row_keys(1, np.arange(B))
+    off = torch.zeros(B, dtype=torch.long), torch.ones(B)
+    same = 0
+    for step in range(20):
+        ours = cpu_kernel.sample_tokens(logits, temp, keys, step)
+        theirs = torch_backend.draw_tokens(logits, keys, step, temp, *off, filtered=False, kernel=False)
+        same += int((ours == theirs).sum())
+    assert same >= 0.999 * 20 * B
+    row = (torch.randn(1, V, generator=g) * 2).repeat(20_000, 1)
+    drawn = cpu_kernel.sample_tokens(row, torch.full((20_000,), 0.9), row_keys(7, np.arange(20_000)), 3)
+    expected = (row[0] / 0.9).softmax(-1).double() * 20_000
+    common = expected >= 5  # chi-square cells: pool the rare tokens into one
+    observed = torch.bincount(drawn, minlength=V).double()
+    obs = torch.cat([observed[common], observed[~common].sum()[None]])
+    exp = torch.cat([expected[common], expected[~common].sum()[None]])
+    assert stats.chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-3
+    masked = torch.randn(64, 40, generator=g)
+    masked[:, 20:] = float("-inf")  # the last tokens weigh 0: the top of the CDF is flat there
+    drawn = cpu_kernel.sample_tokens(masked, torch.ones(64), row_keys(3, np.arange(64)), 0)
+    assert int(drawn.max()) < 20
+
+
+@needs_kernel
+def test_sample_tokens_refuses_what_it_cannot_draw():
+    logits, keys = torch.randn(4, 10), row_keys(1, np.arange(4))
+    cpu_kernel.sample_tokens(logits, torch.ones(4), keys, 0)  # consistent: runs
+    for bad in [(logits, torch.zeros(4), keys),  # temperature 0 is greedy: the PyTorch path's
+                (logits.double(), torch.ones(4), keys), (logits, torch.ones(3), keys),
+                (logits, torch.ones(4), keys.astype(np.int64)), (logits.T, torch.ones(10), row_keys(1, np.arange(10)))]:
+        with pytest.raises(ValueError):
+            cpu_kernel.sample_tokens(*bad, 0)
 
 
 @needs_kernel

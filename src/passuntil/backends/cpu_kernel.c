@@ -372,3 +372,63 @@ int decode_step(void *gemm_fn, int64_t L, const int64_t *w, const float *head, f
     }
     return 0;
 }
+
+/* sample_tokens: one token per row from softmax(logits / temperature), drawn with the row's
+ * counter-based uniform at this step (seeding.step_uniforms, the same SplitMix64 hash), for rows
+ * without top-k, top-p or greedy decoding (the sampler's PyTorch path does those). The token is
+ * the first whose cumulative weight exceeds u times the total, both sums taken in the same
+ * order in double, so a token of zero weight is never drawn. One pass for the maximum, one for
+ * the total, one that stops at the token; no buffer (any vocabulary size). */
+static inline uint64_t splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+/* e^(x/t - m) of the 16 logits at p (the last chunk padded with weight 0) */
+static inline v16 weights16(const float *p, int64_t left, float t, float m) {
+    if (left >= 16) return exp_nonpos(load(p) / t - m);
+    v16 x = splat(-INFINITY);
+    for (int64_t i = 0; i < left; i++) x[i] = p[i] / t;
+    return exp_nonpos(x - m);
+}
+
+static int64_t sample_row(const float *l, int64_t V, float t, double u) {
+    v16 mx = splat(-INFINITY);
+    int64_t v = 0;
+    for (; v + 16 <= V; v += 16) mx = select(load(l + v) > mx, load(l + v), mx);
+    float m = hmax(mx);
+    for (; v < V; v++) m = l[v] > m ? l[v] : m;
+    m /= t;  /* = the largest l[v] / t: division by t > 0 keeps the order, rounding included */
+    double total = 0.0;
+    for (v = 0; v < V; v += 16) {
+        const v16 e = weights16(l + v, V - v, t, m);
+        for (int i = 0; i < 16; i++) total += (double)e[i];
+    }
+    const double target = u * total;
+    double cum = 0.0;
+    int64_t last = 0;
+    for (v = 0; v < V; v += 16) {
+        const v16 e = weights16(l + v, V - v, t, m);
+        for (int i = 0; i < 16 && v + i < V; i++) {
+            if (e[i] <= 0.0f) continue;
+            cum += (double)e[i];
+            last = v + i;
+            if (cum > target) return last;
+        }
+    }
+    return last;  /* u * total rounded up to the total */
+}
+
+int sample_tokens(const float *logits, int64_t B, int64_t V, int64_t ld, const float *temperature,
+                  const uint64_t *keys, int64_t step, int64_t *tokens, int64_t threads) {
+    if (V < 1 || ld < V) return 1;
+    const uint64_t salt = (uint64_t)step * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull;
+#pragma omp parallel for schedule(static) num_threads(threads) if (B * V >= 16384)
+    for (int64_t r = 0; r < B; r++) {
+        const double u = (double)(splitmix64(keys[r] ^ salt) >> 11) * (1.0 / 9007199254740992.0);
+        tokens[r] = sample_row(logits + r * ld, V, temperature[r], u);
+    }
+    return 0;
+}

@@ -38,6 +38,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
@@ -104,7 +105,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
                        ("gather_rows", [ptr, ptr, ptr] + [i64] * 7),
                        ("gemm_check", [ptr] * 4 + [i64] * 3 + [f32]),
                        ("decode_step", [ptr, i64, ptr] + [ptr] * 8 + [i64] * 4 + [f32] + [ptr] * 8 + [i64] * 7
-                        + [f32, i64])):
+                        + [f32, i64]),
+                      ("sample_tokens", [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64])):
         getattr(dll, name).restype = ctypes.c_int
         getattr(dll, name).argtypes = args
     return dll, ""
@@ -312,4 +314,22 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     if out.shape != (n, f2 // 2):
         raise ValueError("silu_mul: out must be (n, F)")
     load().silu_mul(gate_up.data_ptr(), out.data_ptr(), n, f2 // 2, torch.get_num_threads())
+    return out
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, keys: np.ndarray, step: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row (B,) from softmax(logits / temperature) of float32 (B, V) logits with
+    positive per-row temperatures (B,), row b drawn with `seeding.step_uniforms(keys, step)[b]`:
+    the draw of the sampler's PyTorch path (`TorchSampler`) in one pass per row, up to rounding
+    at a CDF boundary. Into `out` (B,) int64 where given."""
+    B, V = logits.shape
+    out = torch.empty(B, dtype=torch.long) if out is None else out
+    _check((temperature,), (out,))
+    if not (logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.stride(1) == 1
+            and temperature.shape == (B,) and out.shape == (B,) and keys.shape == (B,)
+            and keys.dtype == np.uint64 and keys.flags.c_contiguous and bool((temperature > 0).all())):
+        raise ValueError("sample_tokens: inconsistent logits, temperatures, keys or out")
+    load().sample_tokens(logits.data_ptr(), B, V, logits.stride(0), temperature.data_ptr(), keys.ctypes.data,
+                         step, out.data_ptr(), torch.get_num_threads())
     return out

@@ -80,6 +80,27 @@ def sampling_distribution(logits: torch.Tensor, temperature: torch.Tensor, top_k
     return out
 
 
+def draw_tokens(logits: torch.Tensor, keys: np.ndarray, step: int, temperature: torch.Tensor, top_k: torch.Tensor,
+                top_p: torch.Tensor, *, filtered: bool, kernel: bool) -> torch.Tensor:
+    """The token (B,) on the CPU that each row draws at decoding step `step` from its logits
+    (B, V): inverse CDF of `sampling_distribution` at the row's uniform `step_uniforms(keys,
+    step)`. `filtered`: some row has top-k, top-p or temperature 0. Without those, and on the
+    compiled kernel's path (`kernel`), the draw is one C pass per row (`cpu_kernel.
+    sample_tokens`: the same uniform, the same distribution, up to rounding at a CDF boundary);
+    in PyTorch it took a fifth of a small model's call on a CPU (softmax, cumsum and search of
+    full (B, V) tensors)."""
+    if kernel and not filtered and logits.dtype == torch.float32:
+        return cpu_kernel.sample_tokens(logits, temperature, keys, step)
+    dev = logits.device
+    if filtered:
+        probs = sampling_distribution(logits, temperature, top_k, top_p)
+    else:
+        probs = (logits.float() / temperature[:, None].to(dev)).softmax(dim=-1)
+    u = torch.from_numpy(step_uniforms(keys, step)).to(dev, probs.dtype)
+    cdf = probs.cumsum(dim=-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0].clamp_max(probs.shape[-1] - 1).cpu()
+
+
 class TorchSampler:
     """Sampler over a `Transformer` (see module docstring)."""
 
@@ -124,6 +145,10 @@ class TorchSampler:
         # per layer, as the decoding step's matmuls take them: x @ w
         self._layers = [(qkv.T, b.self_attn.o_proj.weight.T, gate_up.T, b.mlp.down_proj.weight.T, b.mlp.act)
                         for qkv, gate_up, b in zip(self._qkv, self._gate_up, layers)]
+        # cos and sin (positions, d/2) of every position, as decoding steps read them: computed
+        # per step they were a dozen small kernels, about 1% of a small model's call
+        cos, sin = rope_tables(cfg, torch.arange(cfg.max_position_embeddings, device=device))
+        self._rope = tuple(t[:, : d // 2].to(self.model.embed_tokens.weight.dtype).contiguous() for t in (cos, sin))
         self.one_call = True  # whole steps in one C call where `kernel_path` allows (off: A/B benchmarks)
         cpu_kernel.announce(self.kernel_path)
 
@@ -229,74 +254,68 @@ class TorchSampler:
         seg_prefix = torch.tensor([distinct.index(i) for i in ids])  # (S,) prompt of each segment
         decoder = Decoder(self, [self._prefill(list(i)) for i in distinct], seg_prefix, R, max_new)
         logits = decoder.first_logits(seg_prefix)
-        dev = self.device
-        # Bookkeeping (row state, stops, repacking) stays on the CPU; the model's tensors on `dev`.
-        # Per-row sampling state; row_id is the row's place in the chunk's output (-1: padding)
+        kernel = self._use_kernel()
+        # Bookkeeping (row state, stops, repacking) is NumPy on the CPU (a few microseconds an
+        # operation on a thousand rows, PyTorch's dispatch costs several times that); the model's
+        # tensors stay on its device. Per-row sampling state; row_id is the row's place in the
+        # chunk's output (-1: padding)
         keys = np.concatenate([row_keys(params[r].seed or 0, np.arange(params[r].first_sample + s0,
                                params[r].first_sample + s0 + R)) for r, s0, _ in chunk])
         per_row = lambda f, dt: torch.tensor([f(params[r]) for r, _, _ in chunk], dtype=dt).repeat_interleave(R)  # noqa: E731
         temp = per_row(lambda p: p.temperature, torch.float32)
         topk = per_row(lambda p: p.top_k, torch.long)
         topp = per_row(lambda p: p.top_p, torch.float32)
-        limit = per_row(lambda p: p.max_tokens, torch.long)
+        limit = np.repeat([params[r].max_tokens for r, _, _ in chunk], R)
         filtered = bool((topk > 0).any() or (topp < 1).any() or (temp <= 0).any())
-        row_id = torch.arange(B)
-        alive = torch.tensor([j < n for _, _, n in chunk for j in range(R)])
-        row_id[~alive] = -1
-        stop_rows = {}
+        alive = np.array([j < n for _, _, n in chunk for j in range(R)])
+        row_id = np.where(alive, np.arange(B), -1)
+        stop_rows: dict[bytes, np.ndarray] = {}
         for i, (r, _, _) in enumerate(chunk):
             for st in params[r].stop:
                 if st:
-                    stop_rows.setdefault(st.encode(), torch.zeros(S, dtype=torch.bool))[i] = True
-        stops = [torch.tensor(list(b)) for b in stop_rows]
-        stop_has = [rows.repeat_interleave(R) for rows in stop_rows.values()]
-        tokens = torch.full((B, max_new), EOS_ID, dtype=torch.long)
-        length = torch.zeros(B, dtype=torch.long)
-        reason = torch.zeros(B, dtype=torch.long)  # 0 length, 1 EOS, 2 stop sequence
-        final_tokens = torch.empty((B, max_new), dtype=torch.long)
-        final_length = torch.zeros(B, dtype=torch.long)  # padding rows stay 0
-        final_reason = torch.empty(B, dtype=torch.long)
+                    stop_rows.setdefault(st.encode(), np.zeros(S, dtype=bool))[i] = True
+        stops = [np.frombuffer(b, dtype=np.uint8).astype(np.int64) for b in stop_rows]
+        stop_has = [np.repeat(rows, R) for rows in stop_rows.values()]
+        tokens = np.full((B, max_new), EOS_ID, dtype=np.int64)
+        length = np.zeros(B, dtype=np.int64)
+        reason = np.zeros(B, dtype=np.int64)  # 0 length, 1 EOS, 2 stop sequence
+        final_tokens = np.empty((B, max_new), dtype=np.int64)
+        final_length = np.zeros(B, dtype=np.int64)  # padding rows stay 0
+        final_reason = np.empty(B, dtype=np.int64)
         for step in range(max_new):
-            if filtered:
-                probs = sampling_distribution(logits, temp, topk, topp)
-            else:
-                probs = (logits.float() / temp[:, None].to(dev)).softmax(dim=-1)
-            u = torch.from_numpy(step_uniforms(keys, step)).to(dev, probs.dtype)
-            cdf = probs.cumsum(dim=-1)
-            tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0].clamp_max(probs.shape[-1] - 1).cpu()
-            tokens[:, step] = torch.where(alive, tok, tokens[:, step])
+            tok = draw_tokens(logits, keys, step, temp, topk, topp, filtered=filtered, kernel=kernel).numpy()
+            tokens[:, step] = tok  # a dead row's token is never read
             eos = alive & (tok == EOS_ID)
-            length += (alive & ~eos).long()
-            hit = torch.zeros_like(alive)
+            length += alive & ~eos
+            hit = np.zeros_like(alive)
             for seq, has in zip(stops, stop_has):
                 if step + 1 >= len(seq):
-                    hit |= has & (tokens[:, step + 1 - len(seq): step + 1] == seq).all(dim=1)
+                    hit |= has & (tokens[:, step + 1 - len(seq): step + 1] == seq).all(axis=1)
             hit &= alive & ~eos
-            done = eos | hit | (alive & (length >= limit))
-            if step + 1 == max_new:
-                done = alive
-            reason = torch.where(eos, 1, torch.where(hit, 2, reason))
+            done = alive.copy() if step + 1 == max_new else eos | hit | (alive & (length >= limit))
+            reason[eos], reason[hit] = 1, 2
             if done.any():  # save the rows that finished this step
                 gone = row_id[done]
                 final_tokens[gone], final_length[gone], final_reason[gone] = tokens[done], length[done], reason[done]
             alive &= ~done  # alive rows always have row_id >= 0
             if not alive.any():
                 break
-            row_prefix = seg_prefix.repeat_interleave(R)
-            counts = torch.bincount(row_prefix[alive], minlength=len(distinct))
+            row_prefix = np.repeat(seg_prefix.numpy(), R)
+            counts = np.bincount(row_prefix[alive], minlength=len(distinct))
             need = int(((counts + R - 1) // R).sum())
             if 4 * need <= 3 * seg_prefix.shape[0]:
-                src, seg_prefix = _repack(alive, row_prefix, counts, R)
+                src_t, seg_prefix = _repack(torch.from_numpy(alive), torch.from_numpy(row_prefix),
+                                            torch.from_numpy(counts), R)
                 self.repacks += 1
-                row_id = torch.where(src >= 0, row_id[src.clamp_min(0)], -1)
-                src = src.clamp_min(0)
+                padding, src_t = src_t < 0, src_t.clamp_min(0)
+                src = src_t.numpy()
+                row_id = np.where(padding.numpy(), -1, row_id[src])
                 alive = alive[src] & (row_id >= 0)
-                tok, tokens, length, reason = tok[src], tokens[src], length[src], reason[src]
-                temp, topk, topp, limit = temp[src], topk[src], topp[src], limit[src]
+                tok, tokens, length, reason, limit, keys = (a[src] for a in (tok, tokens, length, reason, limit, keys))
+                temp, topk, topp = temp[src_t], topk[src_t], topp[src_t]
                 stop_has = [h[src] for h in stop_has]
-                keys = keys[src.numpy()]
-                decoder.repack(src, seg_prefix, step)
-            logits = decoder.step(tok, step)
+                decoder.repack(src_t, seg_prefix, step)
+            logits = decoder.step(torch.from_numpy(tok), step)
             self.row_steps += len(tok)
         longest = int(final_length.max())
         tokens, length, reason = final_tokens[:, :longest].tolist(), final_length.tolist(), final_reason.tolist()
@@ -363,9 +382,8 @@ class TorchSampler:
         S = positions.shape[0]
         n, H, d, C = S * R, cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
         kernel, kp, vp, mask = prefix
-        cos, sin = rope_tables(cfg, positions.to(self.device))  # (S, d): one position per segment
-        dt = m.embed_tokens.weight.dtype
-        cos, sin = (t[:, : d // 2].to(dt).contiguous() for t in (cos, sin))
+        at = positions.to(self.device)
+        cos, sin = (t[at] for t in self._rope)  # (S, d/2): one position per segment
         scale = 1.0 / math.sqrt(d)
         x = m.embed_tokens(tok.to(self.device))  # (S*R, C), the residual stream, updated in place
         if plan is not None:
