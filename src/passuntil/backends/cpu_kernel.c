@@ -394,6 +394,15 @@ static inline v16 weights16(const float *p, int64_t left, float t, float m) {
     return exp_nonpos(x - m);
 }
 
+/* a chunk's 16 weights summed pairwise in float (a tree, not a chain: chunks overlap in the
+   pipeline), in double: the unit of both the total and the running sum, so that they agree */
+static inline double chunk_sum(v16 e) {
+    e += __builtin_shufflevector(e, e, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    e += __builtin_shufflevector(e, e, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+    e += __builtin_shufflevector(e, e, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+    return (double)e[0] + (double)e[1];
+}
+
 static int64_t sample_row(const float *l, int64_t V, float t, double u) {
     v16 mx = splat(-INFINITY);
     int64_t v = 0;
@@ -402,21 +411,25 @@ static int64_t sample_row(const float *l, int64_t V, float t, double u) {
     for (; v < V; v++) m = l[v] > m ? l[v] : m;
     m /= t;  /* = the largest l[v] / t: division by t > 0 keeps the order, rounding included */
     double total = 0.0;
-    for (v = 0; v < V; v += 16) {
-        const v16 e = weights16(l + v, V - v, t, m);
-        for (int i = 0; i < 16; i++) total += (double)e[i];
-    }
+    for (v = 0; v < V; v += 16) total += chunk_sum(weights16(l + v, V - v, t, m));
     const double target = u * total;
     double cum = 0.0;
     int64_t last = 0;
     for (v = 0; v < V; v += 16) {
         const v16 e = weights16(l + v, V - v, t, m);
-        for (int i = 0; i < 16 && v + i < V; i++) {
+        const double s = chunk_sum(e);
+        if (cum + s <= target) {  /* the token lies further on */
+            cum += s;
+            for (int i = 0; i < 16 && v + i < V; i++) last = e[i] > 0.0f ? v + i : last;
+            continue;
+        }
+        for (int i = 0; i < 16 && v + i < V; i++) {  /* it lies in this chunk */
             if (e[i] <= 0.0f) continue;
             cum += (double)e[i];
             last = v + i;
             if (cum > target) return last;
         }
+        return last;  /* the chunk's lanes summed below its tree sum: its last token of weight > 0 */
     }
     return last;  /* u * total rounded up to the total */
 }
