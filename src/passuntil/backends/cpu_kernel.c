@@ -376,9 +376,10 @@ int decode_step(void *gemm_fn, int64_t L, const int64_t *w, const float *head, f
 /* sample_tokens: one token per row from softmax(logits / temperature), drawn with the row's
  * counter-based uniform at this step (seeding.step_uniforms, the same SplitMix64 hash), for rows
  * without top-k, top-p or greedy decoding (the sampler's PyTorch path does those). The token is
- * the first whose cumulative weight exceeds u times the total, both sums taken in the same
- * order in double, so a token of zero weight is never drawn. One pass for the maximum, one for
- * the total, one that stops at the token; no buffer (any vocabulary size). */
+ * the first whose cumulative weight exceeds u times the total: the total and the running sum
+ * add the same chunk sums (16 weights each) in double, then the crossing chunk is walked token by
+ * token, so a token of zero weight is never drawn. One pass for the maximum, one for the total,
+ * one that stops at the token; no buffer (any vocabulary size). */
 static inline uint64_t splitmix64(uint64_t x) {
     x += 0x9E3779B97F4A7C15ull;
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
