@@ -39,7 +39,7 @@ from collections import Counter
 
 import numpy as np
 
-from passuntil.scaling.bayes import fit_bayes
+from passuntil.scaling.bayes import ESS_WARN, fit_bayes
 from passuntil.scaling.data import SeriesCounts
 from passuntil.scaling.task_law import fit_likelihood, law_p
 from passuntil.simulation import simulate_counts
@@ -127,7 +127,8 @@ def interval_coverage(regime: str, k_target: int, budget: int, series: int, *, s
                       level: float = 0.9, method: str = "likelihood") -> dict:
     """Coverage of the "these instances" and "population" intervals at the held-out 2.45B, with
     the median width of the first in log, seconds per fit and (bayes fits) the share of series
-    whose split-R-hat of log(mean) at 2.45B exceeds 1.05."""
+    whose split-R-hat of log(mean) at 2.45B exceeds 1.05, whose largest over the five
+    hyperparameters does, and whose thinnest instance's importance ESS is below ESS_WARN."""
     rng = np.random.default_rng([seed, k_target, budget, len(regime)])
     pop = population_mean(regime)
     these = population = 0
@@ -139,8 +140,9 @@ def interval_coverage(regime: str, k_target: int, budget: int, series: int, *, s
         f = fit.forecast(TARGET, level=level)
         secs.append(time.time() - t0)
         width.append(np.log(f.these_high / f.these_low))
-        if hasattr(fit, "rhat"):
-            rhat.append(fit.rhat(TARGET))
+        if hasattr(fit, "rhat"):  # the log mean at 2.45B; the largest over the hyperparameters; thin IS
+            rhat.append((fit.rhat(TARGET), max(fit.extra.get("rhat_hyper", [np.nan])),
+                         min(fit.extra.get("is_ess", [np.inf])) < ESS_WARN))
         truth = p[:, -1].mean()
         these += f.these_low <= truth <= f.these_high
         population += f.population_low <= pop <= f.population_high
@@ -150,7 +152,9 @@ def interval_coverage(regime: str, k_target: int, budget: int, series: int, *, s
             "population": population / series, "bias_log": float(np.mean(err)),
             "bias_se": float(np.std(err, ddof=1) / np.sqrt(series)), "bias_log_mean": float(np.mean(err_mean)),
             "rmse_log": float(np.sqrt(np.mean(np.square(err)))), "width_log": float(np.median(width)),
-            "seconds": float(np.median(secs)), "rhat_bad": float(np.mean(np.array(rhat) > 1.05)) if rhat else None}
+            "seconds": float(np.median(secs)), "rhat_bad": float(np.mean(np.array(rhat)[:, 0] > 1.05)) if rhat else None,
+            "rhat_hyper_bad": float(np.mean(np.array(rhat)[:, 1] > 1.05)) if rhat else None,
+            "ess_low": float(np.mean(np.array(rhat)[:, 2])) if rhat else None}
 
 
 def prior_diagnostic(series: int, *, seed: int = 0, k_target: int = 2, budget: int = 10**5) -> list[dict]:
@@ -301,14 +305,16 @@ def main() -> None:
     if args.part in ("intervals", "both"):
         print(f"method: {args.method}\n")
         print("| regime | K | budget | series | 90% 'these' covers | 90% 'population' covers | bias log (SE) "
-              "| bias log, posterior mean | RMSE log | median width log | s per fit | R-hat > 1.05 |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| bias log, posterior mean | RMSE log | median width log | s per fit | R-hat > 1.05 (target / hyper) "
+              "| IS ESS < 20 |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for regime, k, budget in _rows(SETTINGS, args.settings):
             r = interval_coverage(regime, k, budget, args.series, method=args.method)
-            bad = "-" if r["rhat_bad"] is None else f"{r['rhat_bad']:.0%}"
+            bad = "-" if r["rhat_bad"] is None else f"{r['rhat_bad']:.0%} / {r['rhat_hyper_bad']:.0%}"
+            ess = "-" if r["ess_low"] is None else f"{r['ess_low']:.0%}"
             print(f"| {regime} | {k or 'fixed n'} | {budget:.0e} | {r['series']} | {r['these']:.0%} "
                   f"| {r['population']:.0%} | {r['bias_log']:+.3f} ({r['bias_se']:.3f}) | {r['bias_log_mean']:+.3f} "
-                  f"| {r['rmse_log']:.3f} | {r['width_log']:.2f} | {r['seconds']:.2f} | {bad} |", flush=True)
+                  f"| {r['rmse_log']:.3f} | {r['width_log']:.2f} | {r['seconds']:.2f} | {bad} | {ess} |", flush=True)
     if args.part == "design":
         print("| stop | halfwidth | budget | min samples | series | stopped by width | median samples | 90% 'these' covers "
               "| 90% 'population' covers | bias log (SE) | RMSE log | z SD |")

@@ -10,6 +10,14 @@ the rule "none" reproduces its width-stop rows.
 
     .venv/bin/python benchmarks/design_stop_rules.py --seed 0 --series 100 --out traj0.jsonl
     .venv/bin/python benchmarks/design_stop_rules.py --read traj0.jsonl   # the tables again
+    .venv/bin/python benchmarks/design_stop_rules.py --seed 0 --series 100 --method bayes --out b0.jsonl
+
+`--method bayes`: every identified round's interval is the full-Bayes fit's (`fit_bayes(counts,
+seed=s)`: point, "these instances" and population intervals, with its split-R-hats, smallest
+importance ESS and seconds), so the rules stop on it; the allocation (which does not depend on
+the stop) is still the design's own, so the rounds and counts are the likelihood runs'. The
+likelihood interval of the same round is kept beside it (lik_lo, lik_hi, lik_point). Rounds
+whose slopes are not identified, where no rule may stop, keep the likelihood numbers.
 
 Prints, per rule: coverage of the 90% interval at the stop (of the true mean of the series' 20
 instances at 2.45B), of the population interval, share stopped by width, median samples, bias
@@ -28,12 +36,13 @@ from pathlib import Path
 import numpy as np
 from calibration import FIT, TARGET, X, _binomial_sampler, draw_laws, population_mean
 
+from passuntil.scaling.bayes import fit_bayes
 from passuntil.scaling.data import SeriesCounts
 from passuntil.scaling.design import SequentialDesign, _identified, run_sequential
 from passuntil.scaling.task_law import fit_likelihood, law_p
 
 
-def trajectory(seed: int, s: int, budget: int, pop: float) -> dict:
+def trajectory(seed: int, s: int, budget: int, pop: float, method: str = "likelihood") -> dict:
     """One series run to `budget` with every round's interval and count statistics."""
     t0 = time.time()
     rng = np.random.default_rng([seed, s])
@@ -50,13 +59,23 @@ def trajectory(seed: int, s: int, budget: int, pop: float) -> dict:
             rounds.append({"spent": spent, "half": None})
             return
         f = fit_likelihood(c).forecast(TARGET, level=0.9, seed=s)  # = target_interval's numbers
+        identified = bool(_identified(c, design.min_passes))
+        more = {}
+        if method == "bayes" and identified:
+            t1 = time.time()
+            fit = fit_bayes(c, seed=s)
+            more = {"lik_lo": float(f.these_low), "lik_hi": float(f.these_high), "lik_point": float(f.point)}
+            f = fit.forecast(TARGET, level=0.9, seed=s)
+            more.update({"rhat": fit.rhat(TARGET), "rhat_max": fit.extra["rhat"],
+                         "rhat_hyper": max(fit.extra["rhat_hyper"]), "ess": min(fit.extra["is_ess"]),
+                         "prior_sd": fit.extra["prior_sd"], "bayes_secs": time.time() - t1})
         lo, hi = float(f.these_low), float(f.these_high)
         two = (c.passes > 0).sum(axis=1) >= 2  # instances with passes at two or more sizes
         ip = np.asarray(f.instance_point, dtype=float)
-        rounds.append({"spent": spent, "half": float((np.log(hi) - np.log(max(lo, 1e-300))) / 2),
+        rounds.append({**more, "spent": spent, "half": float((np.log(hi) - np.log(max(lo, 1e-300))) / 2),
                        "point": float(f.point), "lo": lo, "hi": hi, "covered": lo <= truth <= hi,
                        "pop_covered": float(f.population_low) <= pop <= float(f.population_high),
-                       "identified": bool(_identified(c, design.min_passes)), "n_two": int(two.sum()),
+                       "identified": identified, "n_two": int(two.sum()),
                        "share_two": float(np.nansum(ip[two]) / np.nansum(ip)) if np.nansum(ip) > 0 else 0.0})
 
     run_sequential(SeriesCounts(FIT, zero, zero), design, _binomial_sampler(rng, small), seed=s, on_round=on_round)
@@ -106,7 +125,9 @@ def rules_table(series: list[dict], halfwidth: float) -> None:
 
 
 def spend_table(series: list[dict]) -> None:
-    cov, z = defaultdict(list), defaultdict(list)
+    """Coverage and z by samples spent; for `--method bayes` runs also the likelihood interval's
+    coverage on the same rounds and the Bayes fits' largest split-R-hat (log mean at the target)."""
+    cov, z, lik, rhat = defaultdict(list), defaultdict(list), defaultdict(list), defaultdict(list)
     for d in series:
         for r in d["rounds"]:
             if r["half"] is None or not r["identified"]:
@@ -114,10 +135,16 @@ def spend_table(series: list[dict]) -> None:
             b = np.floor(np.log10(r["spent"]) * 2) / 2
             cov[b].append(r["covered"])
             z[b].append(np.log(r["point"] / d["truth"]) / (r["half"] / 1.645))
-    print("\n| samples spent | rounds | 90% 'these' covers | z mean | z SD |\n|---|---|---|---|---|")
+            if "lik_lo" in r:
+                lik[b].append(r["lik_lo"] <= d["truth"] <= r["lik_hi"])
+                rhat[b].append(r["rhat"])
+    extra = " likelihood covers (same rounds) | max R-hat |" if lik else ""
+    print(f"\n| samples spent | rounds | 90% 'these' covers | z mean | z SD |{extra}\n|---|---|---|---|---|"
+          + ("---|---|" if lik else ""))
     for b in sorted(cov):
+        more = f" {np.mean(lik[b]):.0%} | {max(rhat[b]):.3f} |" if lik.get(b) else ""
         print(f"| 10^{b:.1f}–10^{b + 0.5:.1f} | {len(cov[b])} | {np.mean(cov[b]):.0%} | {np.mean(z[b]):+.2f} "
-              f"| {np.std(z[b], ddof=1):.2f} |")
+              f"| {np.std(z[b], ddof=1):.2f} |{more}")
 
 
 def main() -> None:
@@ -126,6 +153,9 @@ def main() -> None:
     ap.add_argument("--series", type=int, default=100)
     ap.add_argument("--budget", type=float, default=1e9)
     ap.add_argument("--halfwidth", type=float, default=0.25)
+    ap.add_argument("--method", choices=("likelihood", "bayes"), default="likelihood",
+                    help="the fit whose interval each identified round records (the rules stop on it)")
+    ap.add_argument("--first", type=int, default=0, help="the first series (to continue a run)")
     ap.add_argument("--out", default=None, help="append each series' trajectory here (JSON lines)")
     ap.add_argument("--read", nargs="*", default=None, help="recorded trajectories: only print the tables")
     args = ap.parse_args()
@@ -133,12 +163,12 @@ def main() -> None:
         series = [json.loads(line) for path in args.read for line in Path(path).read_text().splitlines()]
     else:
         pop, series, t0 = population_mean("emergent"), [], time.time()
-        for s in range(args.series):
-            series.append(trajectory(args.seed, s, int(args.budget), pop))
+        for s in range(args.first, args.first + args.series):
+            series.append(trajectory(args.seed, s, int(args.budget), pop, args.method))
             if args.out:
                 with open(args.out, "a") as out:
                     out.write(json.dumps(series[-1]) + "\n")
-            done = s + 1
+            done = s + 1 - args.first
             eta = (time.time() - t0) / done * (args.series - done)
             print(f"series {done}/{args.series}, ETA {eta:.0f} s", flush=True)
     rules_table(series, args.halfwidth)

@@ -1,5 +1,6 @@
 """The full-Bayes task-law fit (`--method bayes`, scaling/bayes.py): it recovers a known truth,
-its chains agree (split-R-hat), its point lies inside its interval, and the CLI runs it."""
+its chains agree (split-R-hat) also where slopes are barely identified (the emergent regime, where
+the former sampler's did not), its point lies inside its interval, and the CLI runs it."""
 
 from __future__ import annotations
 
@@ -28,6 +29,19 @@ def _series(seed: int, instances: int = 20, samples: int = 2000):
     counts = SeriesCounts(SIZES, rng.binomial(n, law_p(a[:, None] - alpha[:, None] * x)), n, 1)
     pa, palpha = rng.normal(1.0, 0.6, 200_000), rng.uniform(0.3, 0.7, 200_000)
     return counts, law_p(a - alpha * xt), float(law_p(pa - palpha * xt).mean())
+
+
+def _emergent(seed: int, per_cell: int = 10**6, instances: int = 20):
+    """The emergent regime (benchmarks/calibration.py's): every fitted cell PU < 1e-3, slopes
+    U(1, 1.8), a fixed number of samples per cell; counts and the true mean PU at TARGET."""
+    rng = np.random.default_rng(seed)
+    x = np.log(SIZES) - np.log(SIZES).mean()
+    xt = np.log(TARGET) - np.log(SIZES).mean()
+    alpha = rng.uniform(1.0, 1.8, instances)
+    a = np.log(-np.log(1e-3)) + rng.exponential(0.35, instances) + alpha * x[-1]
+    n = np.full((instances, SIZES.size), per_cell)
+    counts = SeriesCounts(SIZES, rng.binomial(n, law_p(a[:, None] - alpha[:, None] * x)), n, 1)
+    return counts, float(law_p(a - alpha * xt).mean())
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +75,36 @@ def test_point_inside_interval_and_chains_agree(fitted):
     assert fit.rhat(TARGET) < 1.05 and fit.extra["rhat"] < 1.1
     assert not any("chains disagree" in w for w in fit.forecast(TARGET).warnings)
     assert fit.draws_ab.shape == (fit.chains * fit.extra["draws_per_chain"], 20, 2)
+
+
+def test_converges_where_slopes_are_barely_identified():
+    """Emergent regime (most cells without a pass): the chains of all five hyperparameters and
+    the log mean at the target agree, each instance's importance sampling has effective draws,
+    and the interval covers the true mean with a slope spread off zero (the EM's collapses)."""
+    counts, truth = _emergent(4)
+    assert (counts.passes == 0).mean() > 0.3
+    fit = fit_bayes(counts, seed=0)
+    assert max(fit.extra["rhat_hyper"]) < 1.05 and fit.rhat(TARGET) < 1.05
+    assert min(fit.extra["is_ess"]) > 20
+    f = fit.forecast(TARGET)
+    assert not any("disagree" in w or "thin" in w for w in f.warnings)
+    assert f.these_low <= truth <= f.these_high
+    assert 0.05 < fit.extra["prior_sd"][1] < 0.6  # truth: sd of U(1, 1.8) = 0.23
+
+
+def test_recovers_the_population_where_slopes_are_barely_identified():
+    """40 emergent-regime instances at 1e7 samples per cell (most cells still without a pass):
+    the 90% posterior intervals of the mean slope and of the slope spread contain the truth's
+    (1.4 and 0.8 / sqrt(12) = 0.23), and the "these instances" interval the true mean."""
+    counts, truth = _emergent(1, per_cell=10**7, instances=40)
+    fit = fit_bayes(counts, seed=0)
+    assert max(fit.extra["rhat_hyper"]) < 1.05
+    lo, hi = np.quantile(fit.hyper_mu[:, 1], [0.05, 0.95])
+    assert lo <= 1.4 <= hi
+    lo, hi = np.quantile(np.sqrt(fit.hyper_cov[:, 1, 1]), [0.05, 0.95])
+    assert lo <= 0.8 / np.sqrt(12) <= hi and lo > 0.05
+    f = fit.forecast(TARGET)
+    assert f.these_low <= truth <= f.these_high
 
 
 def test_split_rhat_flags_disagreeing_chains():

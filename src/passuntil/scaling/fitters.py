@@ -48,8 +48,8 @@ def _checked(fitter, method: str):
 FITTERS = {name: _checked(f, name) for name, f in (
     ("likelihood", fit_likelihood), ("instance-ls", fit_instances_ls), ("dataset", fit_dataset),
     ("loss-assisted", fit_loss_assisted), ("bayes", fit_bayes))}
-# run only when named (`passuntil fit --method bayes`): ~20x slower, and its chains often do not
-# converge in the emergent regime (docs/statistics.md, "Full-Bayes fit")
+# run only when named (`passuntil fit --method bayes`; a design run's width stop and forecasts use
+# it by default): about 8x slower than the likelihood fit (docs/statistics.md, "Full-Bayes fit")
 OPT_IN_FITTERS = frozenset({"bayes"})
 
 
