@@ -114,7 +114,8 @@ def test_bad_designs_are_user_errors():
     for kwargs in ({"target_n": -1.0, "total_budget": 10}, {"target_n": 1e9},
                    {"target_n": 1e9, "total_budget": 0}, {"target_n": 1e9, "halfwidth": -0.1},
                    {"target_n": 1e9, "total_budget": 10, "spread": 1.0},
-                   {"target_n": 1e9, "total_budget": 10, "min_samples": -1}):
+                   {"target_n": 1e9, "total_budget": 10, "min_samples": -1},
+                   {"target_n": 1e9, "halfwidth": 0.25, "stop_method": "mcmc"}):
         with pytest.raises(UserError):
             SequentialDesign(**kwargs)
     one_size = SeriesCounts(FIT[:1], np.zeros((3, 1), dtype=np.int64), np.zeros((3, 1), dtype=np.int64))
@@ -131,6 +132,47 @@ def test_stops_when_the_interval_is_as_narrow_as_asked():
     assert run.result.stop and run.result.reason == "halfwidth" and run.result.log_halfwidth <= 0.25
     assert run.counts.samples.sum() < 10**9
     assert (run.counts.passes.sum(axis=0) >= 5).sum() >= 2
+
+
+def test_a_bayes_width_stop_decides_on_the_bayes_interval():
+    """stop_method "bayes": on an emergent series (benchmarks/calibration.py --part design, seed 0,
+    series 4) the likelihood design stops by width at 8.8e7 samples on an interval that misses
+    the truth (the slope spread's collapse, docs/statistics.md). At those very counts the Bayes
+    design's check is the full-Bayes fit's interval, which carries the prior covariance's
+    uncertainty: wider and higher, it covers the truth, and the stop is decided on it (within
+    +-0.25 at split-R-hat <= 1.05); the run ends on the Bayes fit's own forecast (point, these
+    and population intervals, R-hat). Coverage over many series: docs/statistics.md."""
+    from benchmarks.calibration import FIT as BFIT
+    from benchmarks.calibration import X as BX
+    from benchmarks.calibration import _binomial_sampler, draw_laws
+    from passuntil.scaling.bayes import fit_bayes
+    from passuntil.scaling.design import RHAT_STOP
+
+    rng = np.random.default_rng([0, 4])
+    a, alpha = draw_laws("emergent", rng, 20)
+    p = law_p(a[:, None] - alpha[:, None] * BX[None])
+    truth = float(p[:, -1].mean())
+    sample = _binomial_sampler(rng, p[:, :-1])
+    zero = np.zeros(p[:, :-1].shape, dtype=np.int64)
+    kw = dict(total_budget=10**9, first_round=100_000, halfwidth=0.25)
+    lik = run_sequential(SeriesCounts(BFIT, zero, zero), SequentialDesign(TARGET, **kw), sample, seed=4)
+    r0 = lik.result
+    assert (r0.reason, r0.method, r0.refused) == ("halfwidth", "likelihood", "") and np.isnan(r0.rhat)
+    assert r0.log_halfwidth <= 0.25 and not r0.low <= truth <= r0.high
+    bayes = SequentialDesign(TARGET, **kw, stop_method="bayes")
+    run = run_sequential(lik.counts, bayes, sample, seed=4)  # the bayes design at the likelihood's stop
+    for v in run.verdicts:
+        assert v.method == "bayes" and v.stop == (v.log_halfwidth <= 0.25 and v.rhat <= RHAT_STOP)
+        assert v.refused == ("rhat" if v.log_halfwidth <= 0.25 and not v.rhat <= RHAT_STOP else "")
+    first = run.verdicts[0]
+    assert first.log_halfwidth > r0.log_halfwidth and first.high > r0.high and first.low <= truth <= first.high
+    r = run.result
+    assert r.method == "bayes" and r.stop
+    fit = fit_bayes(run.counts, seed=4)
+    f = fit.forecast(TARGET, level=0.9, seed=4)
+    assert (r.point, r.low, r.high) == (f.point, f.these_low, f.these_high)
+    assert (r.population_low, r.population_high, r.rhat) == (f.population_low, f.population_high, fit.rhat(TARGET))
+    assert r.to_dict()["method"] == "bayes"
 
 
 @pytest.mark.slow

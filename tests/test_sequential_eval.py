@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from passuntil.scaling.forecast import read_forecast
 from passuntil.store import Store
 from tests.conftest import run_cli
 
@@ -119,6 +120,41 @@ def test_no_width_stop_before_the_guard(tmp_path, capsys):
     code, _, err = _design(capsys, tmp_path / "z.sqlite", "z", "--total-budget", "1e4", "--round-size", "4000",
                            "--target-width", "0.05", "--width-stop-after", "0")  # 0: the default, no guard
     assert code == 0, err
+
+
+def test_a_width_stop_on_the_bayes_fit_is_recorded_and_kept_on_resume(tmp_path, capsys):
+    """--width-stop-method bayes: the run finishes, records the setting (shown by `show`), decides
+    and ends on the full-Bayes fit's interval (its split-R-hat recorded; a width stop only within
+    the width and at R-hat <= 1.05), and a resume asking for the likelihood stop is refused in
+    one line. Runs recorded before the setting read back as "likelihood"."""
+    from passuntil.sequential import DesignSettings
+
+    store = tmp_path / "bw.sqlite"
+    code, out, err = _design(capsys, store, "bw", "--total-budget", "1e5", "--round-size", "4000",
+                             "--target-width", "0.05", "--width-stop-method", "bayes")
+    assert code == 0, err
+    rounds, results, config = _log(store, "bw")
+    assert config["design"]["width_stop_method"] == "bayes"
+    res = results["sim-scaling"]
+    iv = res["interval"]
+    assert iv["method"] == "bayes" and iv["rhat"] is not None and "from the full-Bayes fit" in out
+    if res["reason"] == "halfwidth":
+        assert iv["log_halfwidth"] <= 0.05 and iv["rhat"] <= 1.05 and iv["refused"] == ""
+    assert {e["interval"]["method"] for e in rounds} <= {"likelihood", "bayes"}
+    assert any(e["interval"]["method"] == "bayes" for e in rounds)  # once two sizes have passes
+    assert "the width stop on the full-Bayes fit's interval" in run_cli(capsys, "show", str(store), "--run", "bw")[1]
+    # a forecast on the run uses, unless told, the fit the run stopped on: the same numbers
+    code, out, err = run_cli(capsys, "forecast", str(store), "--run", "bw", "--task", "sim-scaling",
+                             "--target-model", "2.4B", "--out", str(tmp_path / "bw.json"))
+    rec = read_forecast(tmp_path / "bw.json")
+    assert code == 0 and "bayes)" in out and rec.method == "bayes", err
+    assert (rec.point, rec.these_low, rec.these_high) == pytest.approx((iv["point"], iv["low"], iv["high"]), rel=1e-9)
+    code, _, err = run_cli(capsys, "eval", "--store", str(store), "--run", "bw", "--resume",
+                           "--width-stop-method", "likelihood")
+    assert code == 2 and "was made with --width-stop-method 'bayes', not 'likelihood'" in err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+    old = {k: v for k, v in config["design"].items() if k != "width_stop_method"}
+    assert DesignSettings.from_dict(old).width_stop_method == "likelihood"
 
 
 def test_a_target_below_the_smallest_size_is_noted_as_a_downward_extrapolation(tmp_path, capsys):
@@ -279,6 +315,7 @@ def test_the_bundled_tiny_series_runs_a_design_toward_tiny_7(tmp_path, capsys, m
     (("--target-n", "1e9", "--total-budget", "100", "--width-stop-after", "1e4"), "it needs --target-width"),
     (("--target-n", "1e9", "--target-width", "0.1", "--width-stop-after", "-1"),
      "--width-stop-after must be a whole number"),
+    (("--target-n", "1e9", "--total-budget", "100", "--width-stop-method", "bayes"), "it needs --target-width"),
     (("--target-n", "1e9", "--total-budget", "100", "--exact"), "--exact does not combine with --design"),
     (("--target-model", "2.4B", "--total-budget", "100", "--model", "0.03B", "--model", "2.4B"),
      "is the forecast's target and is not sampled"),

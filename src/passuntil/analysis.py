@@ -191,14 +191,24 @@ def fit_summary(store_path: str, *, task: str, run_id: str | None = None, models
 
 
 def forecast(store_path: str, *, task: str, run_id: str | None, target_model: str | None,
-             target_n: float | None, method: str, level: float, thresholds=()) -> ForecastRecord:
+             target_n: float | None, method: str | None, level: float, thresholds=()) -> ForecastRecord:
     """A forecast record for a target model of the run (left out of the data, if it has any:
     a design run's target has none) or a size. A model with unfinished instances (a killed
-    run) is fitted on its finished ones, and the record says so (`unfinished` warning)."""
+    run) is fitted on its finished ones, and the record says so (`unfinished` warning).
+    `method` None: the fit whose interval the run's width stop used (`default_method`)."""
     if (target_model is None) == (target_n is None):
         raise UserError("give either --target-model (a model of the run to hold out) or --target-n (a size)")
-    return forecast_run(RunTable.read(store_path, run_id), task=task, target_model=target_model,
-                        target_n=target_n, method=method, level=level, thresholds=thresholds)
+    run = RunTable.read(store_path, run_id)
+    return forecast_run(run, task=task, target_model=target_model, target_n=target_n,
+                        method=method or default_method(run), level=level, thresholds=thresholds)
+
+
+def default_method(run: RunTable) -> str:
+    """The task-law fit a forecast on `run` uses unless told: "bayes" on a design run whose width
+    stop was decided on the full-Bayes fit's interval (`eval --width-stop-method bayes`), so the
+    user is shown the interval the run stopped on; else "likelihood"."""
+    design = run.store.run_config(run.run_id).get("design") or {}
+    return "bayes" if design.get("width_stop_method") == "bayes" else "likelihood"
 
 
 def forecast_run(run: RunTable, *, task: str, target_model: str | None, target_n: float | None, method: str,

@@ -4,7 +4,9 @@ Round by round, for every task that has not stopped (one design per task, each w
 budget; the tasks share the round so every model's sampler serves all of them at once):
 
 1. build the task's `SeriesCounts` from the store and ask `scaling.design.target_interval`
-   whether to stop (interval as narrow as asked, or the task's budget spent);
+   whether to stop (interval as narrow as asked, or the task's budget spent; with
+   `--width-stop-method bayes` the width stop is decided on the full-Bayes fit's interval, and
+   a task that ends by the cap gets that fit's interval too);
 2. otherwise `scaling.design.next_round` decides each (instance, model) cell's quota, within
    the cell's headroom under `--max-samples` (a task whose informative cells are all at the cap
    stops "by cap"); the round's decisions (per cell: the count to reach) are recorded in the run
@@ -209,6 +211,8 @@ def _decide_round(store, run_id: str, spec: RunSpec, tasks, r: int, results: dic
         if entry is not None:
             entries.append({"round": r, "task": task.name, "spent": spent, "interval": verdict.to_dict(), **entry})
             continue
+        if not verdict.stop and verdict.method != design.stop_method:  # ends by cap or rounds: the stop's fit
+            verdict = target_interval(as_analysed(counts), design, seed=seed, final=True)
         reason = verdict.reason or ("max-rounds" if r > MAX_ROUNDS else
                                     "budget" if design.round_budget(spent) == 0 else "cap")
         results[task.name] = {"rounds": r - 1, "spent": spent, "reason": reason, "interval": verdict.to_dict(),

@@ -28,8 +28,14 @@ import numpy as np
 
 from passuntil.errors import UserError
 
+STOP_METHODS = ("likelihood", "bayes")  # = scaling.design.STOP_METHODS (not imported: it loads the fits)
 DESIGNS = ("passuntil", "forecast")  # the K-stop (default), sequential sampling toward a forecast
-DESIGN_OPTIONS = ("target_n", "target_model", "total_budget", "target_width", "round_size", "width_stop_after")
+DESIGN_OPTIONS = ("target_n", "target_model", "total_budget", "target_width", "round_size", "width_stop_after",
+                  "width_stop_method")
+# The fit a width stop decides on unless --width-stop-method says: the full-Bayes fit's interval
+# covers 88-92% at the stop in the emergent regime where the likelihood fit's covers 73-85%
+# (docs/statistics.md, "Coverage at the design's stopping point"), for about 1 s a round
+WIDTH_STOP_DEFAULT = "bayes"
 DEFAULT_CAP = 10**9  # per-cell samples when only a width is asked for (no total budget)
 MAX_ROUNDS = 1000
 
@@ -50,13 +56,15 @@ class DesignSettings:
     level: float = 0.9
     kind: str = "forecast"
     width_stop_after: int = 0  # no width stop before this many samples per task (docs/statistics.md)
+    width_stop_method: str = "likelihood"  # "bayes": width stops on the full-Bayes fit's interval (runs
+    # recorded before this setting read back as "likelihood")
 
     def design(self):
         from passuntil.scaling.design import SequentialDesign
 
         return SequentialDesign(self.target_n, total_budget=self.total_budget, first_round=self.first_round,
                                 growth=self.growth, halfwidth=self.halfwidth, level=self.level,
-                                min_samples=self.width_stop_after)
+                                min_samples=self.width_stop_after, stop_method=self.width_stop_method)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +76,9 @@ class DesignSettings:
     def describe(self) -> str:
         goal = [f"total budget {self.total_budget:,} samples per task" if self.total_budget else "",
                 f"stop at ±{self.halfwidth:g} in log ({self.level:.0%} interval)" if self.halfwidth else "",
-                f"no width stop before {self.width_stop_after:,} samples" if self.width_stop_after else ""]
+                f"no width stop before {self.width_stop_after:,} samples" if self.width_stop_after else "",
+                "the width stop on the full-Bayes fit's interval (at split-R-hat <= 1.05; the run ends on its "
+                "interval)" if self.width_stop_method == "bayes" else ""]
         target = f"{self.target_model} (N = {self.target_n:.3g})" if self.target_model else f"N = {self.target_n:.3g}"
         return (f"sequential design toward the forecast at {target}: " + ", ".join(g for g in goal if g)
                 + f"; first round {self.first_round:,} samples, each later one {self.growth:g}x the samples "
@@ -134,12 +144,17 @@ def resolve_settings(options: Mapping[str, Any], *, series_models: Sequence, sam
     if after is not None and width is None:
         raise UserError("--width-stop-after guards the width stop: it needs --target-width")
     after = 0 if after in (None, 0) else _whole(after, "--width-stop-after")  # 0: no guard
+    how = options.get("width_stop_method")
+    if how is not None and width is None:
+        raise UserError("--width-stop-method decides the width stop: it needs --target-width")
+    if how not in (None, *STOP_METHODS):
+        raise UserError(f"--width-stop-method must be one of {', '.join(STOP_METHODS)} (got {how!r})")
     sizes = {float(m.n_params) for m in sampled}
     if len(sizes) < 2:
         raise UserError(f"--design forecast needs at least two sampled model sizes to fit a slope (got "
                         f"{', '.join(m.name for m in sampled)}{' without the target' if target_model else ''})")
     settings = DesignSettings(float(target_n), target_model, budget, None if width is None else float(width), first,
-                              width_stop_after=after)
+                              width_stop_after=after, width_stop_method=how or WIDTH_STOP_DEFAULT)
     settings.design()  # the library's own checks
     return settings
 
@@ -224,7 +239,7 @@ def round_line(entry: Mapping) -> str:
     return (f"round {entry['round']} of {entry['task']}: {entry['samples']:,} samples to {entry['cells']} cells "
             f"({where}) after {entry['spent']:,}; interval before it "
             + (f"{iv.get('point', 0):.4g} [{iv.get('low', 0):.4g}, {iv.get('high', 1):.4g}] (±{hw:.3g} in log)"
-               if hw is not None else "unknown (no passes yet)"))
+               if hw is not None else "unknown (no passes yet)") + _bayes_note(iv))
 
 
 def record_result(store, run_id: str, task: str, result: dict) -> None:
@@ -257,7 +272,17 @@ def result_line(task: str, result: Mapping, settings: DesignSettings) -> str:
     return (f"design {task}: {rounds} round{'s' * (rounds != 1)}, {result['spent']:,} samples, stopped by "
             f"{reason}; mean PU over these instances at {where}: {iv.get('point', 0):.4g} "
             f"[{iv.get('low', 0):.4g}, {iv.get('high', 1):.4g}] ({settings.level:.0%}, "
-            + (f"±{hw:.3g} in log)" if hw is not None else "no passes yet)"))
+            + (f"±{hw:.3g} in log)" if hw is not None else "no passes yet)") + _bayes_note(iv))
+
+
+def _bayes_note(iv: Mapping) -> str:
+    """Where an interval is the full-Bayes fit's (`--width-stop-method bayes`): its split-R-hat,
+    and whether unconverged chains held back a width stop."""
+    if iv.get("method") != "bayes":
+        return ""
+    rhat = iv.get("rhat")
+    return (" from the full-Bayes fit" + (f", split-R-hat {rhat:.3g}" if rhat is not None else "")
+            + ("; narrow enough, but its chains disagree: no width stop" if iv.get("refused") else ""))
 
 
 def sampled_instances(counts) -> dict:

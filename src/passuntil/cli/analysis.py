@@ -60,7 +60,8 @@ def report(store_path, run_ids, forecast_files, out_dir, exact_run, sampled_run,
 @click.option("--run", "run_id", default=None)
 @click.option("--target-model", default=None, help="A model of the run to hold out and forecast.")
 @click.option("--target-n", type=POSITIVE, default=None, help="Or a size (non-embedding parameters).")
-@click.option("--method", default="likelihood", show_default=True)
+@click.option("--method", default=None,
+              help="The task-law fit [likelihood; on a design run whose width stop used the full-Bayes fit, bayes].")
 @LEVEL
 @click.option("--threshold", "thresholds", type=PROBABILITY, multiple=True,
               help="Also the N where mean PU reaches this (in (0, 1)).")

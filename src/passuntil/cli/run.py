@@ -58,9 +58,12 @@ from passuntil.jsonio import dumps
 @click.option("--width-stop-after", type=float, default=None,
               help="--design forecast: no width stop before this many samples per task (a guard: early "
               "width stops under-cover in the emergent regime, docs/statistics.md).")
+@click.option("--width-stop-method", type=click.Choice(["likelihood", "bayes"]), default=None,
+              help="--design forecast: the fit whose interval decides the width stop [bayes: the full-Bayes "
+              "fit's, about 1 s a round; likelihood: faster, under-covers in the emergent regime; docs/sequential.md].")
 def eval_cmd(tasks, series, models, store_path, run_id, resume, limit, no_reference_scores, exact,
              unsafe_local_execution, ray_address, ray_workers, design, target_n, target_model,
-             total_budget, target_width, round_size, width_stop_after, **engine):
+             total_budget, target_width, round_size, width_stop_after, width_stop_method, **engine):
     """Run PassUntil for tasks x models into a run store (or, with --design forecast, sample
     round by round where the target forecast gains most)."""
     from passuntil.evaluate import start_eval
@@ -75,7 +78,8 @@ def eval_cmd(tasks, series, models, store_path, run_id, resume, limit, no_refere
                              ray_workers=ray_workers, exact=exact or "off",
                              design={"design": design, "target_n": target_n, "target_model": target_model,
                                      "total_budget": total_budget, "target_width": target_width,
-                                     "round_size": round_size, "width_stop_after": width_stop_after})
+                                     "round_size": round_size, "width_stop_after": width_stop_after,
+                                     "width_stop_method": width_stop_method})
     except KeyboardInterrupt:
         if not resume and not _recorded(store_path, run_id):
             raise click.exceptions.Abort() from None  # nothing to continue: the same command again

@@ -41,10 +41,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from passuntil.errors import UserError
+from passuntil.scaling.bayes import fit_bayes
 from passuntil.scaling.data import SeriesCounts
 from passuntil.scaling.task_law import F_MAX, F_MIN, fit_likelihood, law_p
 
 MIN_GAIN = 1e-6  # a cell is informative if the whole round there could lower var(log target) by this share
+STOP_METHODS = ("likelihood", "bayes")  # the fit whose interval decides a width stop (SequentialDesign.stop_method)
+RHAT_STOP = 1.05  # a Bayes check stops a run only if its split-R-hat at the target is at most this
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,11 @@ class SequentialDesign:
     sd of 0.12 against a true 0.23); with min_samples = 1e8 it covered 84.5% (200 series). A
     guard the user sets for the regime, not a cure (docs/statistics.md, "Coverage at the
     design's stopping point").
+    stop_method: "likelihood" (default) stops on the likelihood fit's interval; "bayes" on the
+    full-Bayes fit's (`scaling.bayes`, about 1 s a fit), whenever a width stop is possible, and
+    only at a split-R-hat at the target of at most RHAT_STOP; the interval a run ends on is then
+    the Bayes one (see `target_interval`). Its coverage at the stopping point: docs/statistics.md,
+    "Coverage at the design's stopping point".
     """
 
     target_n: float
@@ -78,6 +86,7 @@ class SequentialDesign:
     min_passes: int = 5
     spread: float = 0.2
     min_samples: int = 0
+    stop_method: str = "likelihood"
 
     def __post_init__(self):
         _validate(self)
@@ -91,6 +100,8 @@ class SequentialDesign:
 
 
 def _validate(d: SequentialDesign) -> None:
+    if d.stop_method not in STOP_METHODS:
+        raise UserError(f"the width stop's method must be one of {', '.join(STOP_METHODS)} (got {d.stop_method!r})")
     if not np.isfinite(d.target_n) or d.target_n <= 0:
         raise UserError(f"the target size must be a positive number of parameters, got {d.target_n}")
     if d.total_budget is None and d.halfwidth is None:
@@ -113,7 +124,10 @@ class TargetInterval:
 
     `low`/`high` are `TaskFit.forecast`'s calibrated "these instances" interval (the same numbers
     `forecast(target_n, level=level, seed=seed)` reports, so a run stops on the interval the user
-    is shown); `population_low`/`population_high` its population interval."""
+    is shown); `population_low`/`population_high` its population interval. `method`: the fit
+    these numbers come from ("likelihood" or "bayes"); `rhat`: the Bayes fit's split-R-hat of
+    log(mean) at the target (nan for a likelihood interval); `refused`: "rhat" where the Bayes
+    interval was narrow enough but its chains had not converged (no stop), else ""."""
 
     point: float
     low: float
@@ -123,6 +137,9 @@ class TargetInterval:
     reason: str  # "halfwidth", "budget" or "" (go on)
     population_low: float = float("nan")
     population_high: float = float("nan")
+    method: str = "likelihood"
+    rhat: float = float("nan")
+    refused: str = ""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -281,7 +298,8 @@ def next_round(counts: SeriesCounts, design: SequentialDesign, *, seed: int, cap
                     chunks=design.chunks, spread=design.spread, room=room)
 
 
-def target_interval(counts: SeriesCounts, design: SequentialDesign, *, seed: int = 0) -> TargetInterval:
+def target_interval(counts: SeriesCounts, design: SequentialDesign, *, seed: int = 0,
+                    final: bool = False) -> TargetInterval:
     """The mean PU over these instances at the target and whether the run should stop.
 
     Point and interval are exactly `fit_likelihood(counts).forecast(target_n, level, seed)`'s
@@ -291,19 +309,38 @@ def target_interval(counts: SeriesCounts, design: SequentialDesign, *, seed: int
     by width and by budget, is measured in docs/statistics.md (benchmarks/calibration.py
     --part design). A narrow interval stops the run only once two sizes have passes: before
     that it is the prior's width, and not before `design.min_samples` samples (see
-    `SequentialDesign`: an early narrow interval under-covers)."""
+    `SequentialDesign`: an early narrow interval under-covers).
+
+    With `design.stop_method` "bayes" the interval is `fit_bayes(counts, seed=seed)`'s (`passuntil
+    forecast --method bayes`'s fit and interval) whenever a width stop is possible (two sizes
+    with passes, past `min_samples`), the budget is spent, or `final` (the caller ends the run,
+    e.g. by the per-cell cap): the run stops by width when that interval is within +-halfwidth
+    and its split-R-hat at the target is at most RHAT_STOP (an unconverged chain never stops a
+    run: `refused` is then "rhat"). Before that the likelihood interval is shown. Seeded, so
+    a deterministic function of counts and seed."""
     spent = int(counts.samples.sum())
     out_of_budget = design.total_budget is not None and spent >= design.total_budget
     if int(counts.passes.sum()) == 0:
         return TargetInterval(0.0, 0.0, 1.0, np.inf, out_of_budget, "budget" if out_of_budget else "", 0.0, 1.0)
     f = fit_likelihood(counts).forecast(design.target_n, level=design.level, seed=seed)
-    lo, hi = f.these_low, f.these_high
-    half = float((np.log(hi) - np.log(max(lo, 1e-300))) / 2)
-    narrow = design.halfwidth is not None and half <= design.halfwidth and _identified(counts, design.min_passes)
-    narrow = narrow and spent >= design.min_samples
+    half = _log_half(f.these_low, f.these_high)
+    may_stop = design.halfwidth is not None and _identified(counts, design.min_passes) and spent >= design.min_samples
+    rhat, refused, method = float("nan"), "", "likelihood"
+    if design.stop_method == "bayes" and (may_stop or out_of_budget or final):
+        method = "bayes"
+        fit = fit_bayes(counts, seed=seed)
+        f, rhat = fit.forecast(design.target_n, level=design.level, seed=seed), fit.rhat(design.target_n)
+        half = _log_half(f.these_low, f.these_high)
+    narrow = may_stop and half <= design.halfwidth
+    if narrow and method == "bayes" and not rhat <= RHAT_STOP:
+        narrow, refused = False, "rhat"  # an unconverged chain never stops a run
     reason = "halfwidth" if narrow else "budget" if out_of_budget else ""
-    return TargetInterval(float(f.point), float(lo), float(hi), half, bool(reason), reason,
-                          float(f.population_low), float(f.population_high))
+    return TargetInterval(float(f.point), float(f.these_low), float(f.these_high), half, bool(reason), reason,
+                          float(f.population_low), float(f.population_high), method, float(rhat), refused)
+
+
+def _log_half(lo: float, hi: float) -> float:
+    return float((np.log(hi) - np.log(max(lo, 1e-300))) / 2)
 
 
 Sampler = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -314,6 +351,7 @@ class SequentialRun:
     counts: SeriesCounts
     quotas: tuple[np.ndarray, ...]  # one (I, M) quota per round
     result: TargetInterval
+    verdicts: tuple[TargetInterval, ...] = ()  # the width check before each round (halfwidth set)
 
 
 def run_sequential(counts: SeriesCounts, design: SequentialDesign, sample: Sampler, *, seed: int,
@@ -322,19 +360,26 @@ def run_sequential(counts: SeriesCounts, design: SequentialDesign, sample: Sampl
     """Round after round: quota = next_round(..., cap=cap), (passes, samples) = sample(quota),
     until the interval is narrow enough, the budget is spent or every informative cell is at the
     per-cell `cap`. `sample(quota)` returns the passes and samples the cells gained (samples may
-    fall short of the quota, e.g. a cell that is closed)."""
-    quotas = []
+    fall short of the quota, e.g. a cell that is closed). The result is `target_interval(...,
+    final=True)` on the final counts (the last check itself when it stopped the run or already
+    carries the stop method's fit)."""
+    quotas, verdicts, verdict = [], [], None
     for _ in range(max_rounds):
         verdict = target_interval(counts, design, seed=seed) if design.halfwidth is not None else None
-        if verdict is not None and verdict.stop:
-            break
+        if verdict is not None:
+            verdicts.append(verdict)
+            if verdict.stop:
+                break
         quota = next_round(counts, design, seed=seed, cap=cap)
         if not quota.any():
             break
+        verdict = None  # the counts change: the check is stale
         k, n = sample(quota)
         counts = SeriesCounts(counts.n_params, counts.passes + k, counts.samples + n, counts.k_target,
                               counts.instance_ids, counts.models, counts.ref_loss)
         quotas.append(quota)
         if on_round is not None:
             on_round(counts)
-    return SequentialRun(counts, tuple(quotas), target_interval(counts, design, seed=seed))
+    if verdict is None or not (verdict.stop or verdict.method == design.stop_method):
+        verdict = target_interval(counts, design, seed=seed, final=True)
+    return SequentialRun(counts, tuple(quotas), verdict, tuple(verdicts))
