@@ -33,7 +33,7 @@ DESIGNS = ("passuntil", "forecast")  # the K-stop (default), sequential sampling
 DESIGN_OPTIONS = ("target_n", "target_model", "total_budget", "target_width", "round_size", "width_stop_after",
                   "width_stop_method")
 # The fit a width stop decides on unless --width-stop-method says: the full-Bayes fit's interval
-# covers 88-92% at the stop in the emergent regime where the likelihood fit's covers 73-85%
+# covers 90-91% at the stop in the emergent regime where the likelihood fit's covers 74-84%
 # (docs/statistics.md, "Coverage at the design's stopping point"), for about 1 s a round
 WIDTH_STOP_DEFAULT = "bayes"
 DEFAULT_CAP = 10**9  # per-cell samples when only a width is asked for (no total budget)
