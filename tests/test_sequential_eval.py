@@ -89,6 +89,9 @@ def test_design_spends_unequal_quotas_on_informative_cells_and_stops_at_the_budg
     assert results["sim-scaling"]["reason"] == "budget" and results["sim-scaling"]["spent"] == 30_000
     assert config["engine"]["k_target"] == config["engine"]["max_samples"] == 30_000
     assert config["design"]["target_model"] == "2.4B" and config["design"]["target_n"] == 2.45e9
+    # no --target-width: no width stop, so the likelihood fit throughout (the Bayes default is the width stop's)
+    assert config["design"]["width_stop_method"] == "likelihood"
+    assert results["sim-scaling"]["interval"]["method"] == "likelihood"
     assert sorted(opened) == sorted(set(opened)) and len(opened) == 6  # one load per model, all rounds
     code, out, _ = run_cli(capsys, "show", str(store), "--run", "d")
     assert code == 0 and "round 2 of sim-scaling" in out and "K-stop off" in out

@@ -154,7 +154,8 @@ def resolve_settings(options: Mapping[str, Any], *, series_models: Sequence, sam
         raise UserError(f"--design forecast needs at least two sampled model sizes to fit a slope (got "
                         f"{', '.join(m.name for m in sampled)}{' without the target' if target_model else ''})")
     settings = DesignSettings(float(target_n), target_model, budget, None if width is None else float(width), first,
-                              width_stop_after=after, width_stop_method=how or WIDTH_STOP_DEFAULT)
+                              width_stop_after=after,
+                              width_stop_method=how or (WIDTH_STOP_DEFAULT if width is not None else "likelihood"))
     settings.design()  # the library's own checks
     return settings
 
