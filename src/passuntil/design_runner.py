@@ -196,7 +196,7 @@ def _decide_round(store, run_id: str, spec: RunSpec, tasks, r: int, results: dic
     enough, budget spent, every informative cell at the cap, or past `MAX_ROUNDS`) is recorded in
     `results` and in the run instead, with how many instances each size has samples of (a note
     where some have none: `coverage_line`)."""
-    from passuntil.scaling.design import target_interval
+    from passuntil.scaling.design import closing_interval, target_interval
 
     design, seed = settings.design(), spec.engine.seed
     stored = {m.name: store.counts(run_id, m.name) for m in spec.models}
@@ -205,14 +205,14 @@ def _decide_round(store, run_id: str, spec: RunSpec, tasks, r: int, results: dic
         if task.name in results:
             continue
         counts = series_counts(stored, spec.models, task)
-        verdict = target_interval(as_analysed(counts), design, seed=seed)
+        analysed = as_analysed(counts)
+        verdict = target_interval(analysed, design, seed=seed)
         spent = int(counts.samples.sum())
         entry = None if verdict.stop or r > MAX_ROUNDS else _decide(counts, design, seed, spec.engine.max_samples)
         if entry is not None:
             entries.append({"round": r, "task": task.name, "spent": spent, "interval": verdict.to_dict(), **entry})
             continue
-        if not verdict.stop and verdict.method != design.stop_method:  # ends by cap or rounds: the stop's fit
-            verdict = target_interval(as_analysed(counts), design, seed=seed, final=True)
+        verdict = closing_interval(analysed, design, verdict, seed=seed)
         reason = verdict.reason or ("max-rounds" if r > MAX_ROUNDS else
                                     "budget" if design.round_budget(spent) == 0 else "cap")
         results[task.name] = {"rounds": r - 1, "spent": spent, "reason": reason, "interval": verdict.to_dict(),

@@ -13,6 +13,7 @@ from passuntil.analysis import open_run
 from passuntil.cli.common import Interrupted, cli, console, open_store
 from passuntil.errors import UserError
 from passuntil.jsonio import dumps
+from passuntil.sequential import STOP_METHODS
 
 
 @cli.command("eval")
@@ -58,7 +59,7 @@ from passuntil.jsonio import dumps
 @click.option("--width-stop-after", type=float, default=None,
               help="--design forecast: no width stop before this many samples per task (a guard: early "
               "width stops under-cover in the emergent regime, docs/statistics.md).")
-@click.option("--width-stop-method", type=click.Choice(["likelihood", "bayes"]), default=None,
+@click.option("--width-stop-method", type=click.Choice(STOP_METHODS), default=None,
               help="--design forecast: the fit whose interval decides the width stop [bayes: the full-Bayes "
               "fit's, about 1 s a round; likelihood: faster, under-covers in the emergent regime; docs/sequential.md].")
 def eval_cmd(tasks, series, models, store_path, run_id, resume, limit, no_reference_scores, exact,

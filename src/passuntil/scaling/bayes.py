@@ -370,6 +370,9 @@ def sample(counts: SeriesCounts, *, chains: int = 4, warmup: int = 500, keep: in
     def log_post(v):
         return marg.log_post(v, space="sd")
 
+    def log_post_batched(pts):  # 64 points a call: the marginal's (points, I, B) weights stay small
+        return np.concatenate([log_post(pts[c0:c0 + 64]) for c0 in range(0, len(pts), 64)])
+
     def reflect(v):
         v[:, 2:4] = np.abs(v[:, 2:4])
         return v
@@ -404,7 +407,7 @@ def sample(counts: SeriesCounts, *, chains: int = 4, warmup: int = 500, keep: in
     t_chol = np.linalg.cholesky(t_cov)
     z = rng.standard_normal((REFINE_DRAWS, 5)) / np.sqrt(rng.chisquare(INDEP_DF, (REFINE_DRAWS, 1)) / INDEP_DF)
     pilot = t_mean + z @ t_chol.T
-    lw = np.concatenate([log_post(pilot[c0:c0 + 64]) for c0 in range(0, len(pilot), 64)])
+    lw = log_post_batched(pilot)
     lw += (INDEP_DF + 5) / 2 * np.log1p((z * z).sum(1) / INDEP_DF)
     if np.isfinite(lw).sum() > 20:
         w = np.exp(lw - lw[np.isfinite(lw)].max())
@@ -418,7 +421,7 @@ def sample(counts: SeriesCounts, *, chains: int = 4, warmup: int = 500, keep: in
     z = rng.standard_normal((steps, INDEP_STEPS, chains, 5))
     z /= np.sqrt(rng.chisquare(INDEP_DF, (steps, INDEP_STEPS, chains, 1)) / INDEP_DF)
     indep = (t_mean + z @ t_chol.T).reshape(-1, 5)
-    lp_indep = np.concatenate([log_post(indep[c0:c0 + 64]) for c0 in range(0, len(indep), 64)])
+    lp_indep = log_post_batched(indep)
     lq_indep = -(INDEP_DF + 5) / 2 * np.log1p((z * z).sum(-1) / INDEP_DF)  # (steps, INDEP_STEPS, chains)
     lp_indep, indep = lp_indep.reshape(lq_indep.shape), indep.reshape(z.shape)
     log_u = np.log(rng.random((steps, INDEP_STEPS + 1, chains)))

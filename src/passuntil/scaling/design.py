@@ -322,15 +322,15 @@ def target_interval(counts: SeriesCounts, design: SequentialDesign, *, seed: int
     out_of_budget = design.total_budget is not None and spent >= design.total_budget
     if int(counts.passes.sum()) == 0:
         return TargetInterval(0.0, 0.0, 1.0, np.inf, out_of_budget, "budget" if out_of_budget else "", 0.0, 1.0)
-    f = fit_likelihood(counts).forecast(design.target_n, level=design.level, seed=seed)
-    half = _log_half(f.these_low, f.these_high)
     may_stop = design.halfwidth is not None and _identified(counts, design.min_passes) and spent >= design.min_samples
     rhat, refused, method = float("nan"), "", "likelihood"
     if design.stop_method == "bayes" and (may_stop or out_of_budget or final):
         method = "bayes"
         fit = fit_bayes(counts, seed=seed)
         f, rhat = fit.forecast(design.target_n, level=design.level, seed=seed), fit.rhat(design.target_n)
-        half = _log_half(f.these_low, f.these_high)
+    else:
+        f = fit_likelihood(counts).forecast(design.target_n, level=design.level, seed=seed)
+    half = _log_half(f.these_low, f.these_high)
     narrow = may_stop and half <= design.halfwidth
     if narrow and method == "bayes" and not rhat <= RHAT_STOP:
         narrow, refused = False, "rhat"  # an unconverged chain never stops a run
@@ -360,9 +360,8 @@ def run_sequential(counts: SeriesCounts, design: SequentialDesign, sample: Sampl
     """Round after round: quota = next_round(..., cap=cap), (passes, samples) = sample(quota),
     until the interval is narrow enough, the budget is spent or every informative cell is at the
     per-cell `cap`. `sample(quota)` returns the passes and samples the cells gained (samples may
-    fall short of the quota, e.g. a cell that is closed). The result is `target_interval(...,
-    final=True)` on the final counts (the last check itself when it stopped the run or already
-    carries the stop method's fit)."""
+    fall short of the quota, e.g. a cell that is closed). The result is `closing_interval` on the
+    final counts."""
     quotas, verdicts, verdict = [], [], None
     for _ in range(max_rounds):
         verdict = target_interval(counts, design, seed=seed) if design.halfwidth is not None else None
@@ -380,6 +379,14 @@ def run_sequential(counts: SeriesCounts, design: SequentialDesign, sample: Sampl
         quotas.append(quota)
         if on_round is not None:
             on_round(counts)
-    if verdict is None or not (verdict.stop or verdict.method == design.stop_method):
-        verdict = target_interval(counts, design, seed=seed, final=True)
-    return SequentialRun(counts, tuple(quotas), verdict, tuple(verdicts))
+    return SequentialRun(counts, tuple(quotas), closing_interval(counts, design, verdict, seed=seed), tuple(verdicts))
+
+
+def closing_interval(counts: SeriesCounts, design: SequentialDesign, verdict: TargetInterval | None, *,
+                     seed: int) -> TargetInterval:
+    """The interval a run ends on: its last check `verdict` on these counts when that stopped the
+    run or already carries the stop method's fit, else `target_interval(..., final=True)` (a run
+    ended by the cap or the rounds gets the stop method's interval too)."""
+    if verdict is not None and (verdict.stop or verdict.method == design.stop_method):
+        return verdict
+    return target_interval(counts, design, seed=seed, final=True)
