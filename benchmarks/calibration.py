@@ -1,7 +1,7 @@
 """Calibration of forecast intervals and the before-the-fact warnings, by seeded simulation.
 
     .venv/bin/python benchmarks/calibration.py [--series 100] [--part intervals|design|prior|warnings|both]
-        [--settings 0,2] [--seed 0] [--method likelihood|bayes|bayes-gamma2|bayes-vague]
+        [--settings 0,2] [--seed 0] [--method likelihood|auto|bayes|bayes-gamma2|bayes-vague]
 
 Simulated series with a known law per instance (20 instances, the paper's sizes 0.036B..2.45B,
 PassUntil with K passes or a per-cell budget); the pooled likelihood fit on the six smaller
@@ -26,7 +26,8 @@ hard (each instance's PU at 2.45B is 10^U(-4, -2), alpha ~ U(0.5, 1.0): most fit
 few or no passes; K = 2, budget 1e5) and emergent (every fitted cell PU < 1e-3, alpha ~ U(1, 1.8);
 in the intervals part a fixed 1e5 or 1e6 samples per cell, "K" = fixed n).
 
-`--method` picks the fit whose intervals are measured (likelihood; bayes, the full-Bayes fit of
+`--method` picks the fit whose intervals are measured (likelihood; auto, the CLI's default:
+bayes where over half the fitted cells have no pass, else likelihood; bayes, the full-Bayes fit of
 scaling/bayes.py; bayes-gamma2 and bayes-vague, its prior variants); every method sees the same
 series for the same seed and row.
 """
@@ -41,6 +42,7 @@ import numpy as np
 
 from passuntil.scaling.bayes import ESS_WARN, fit_bayes
 from passuntil.scaling.data import SeriesCounts
+from passuntil.scaling.fitters import fit_task_law
 from passuntil.scaling.task_law import fit_likelihood, law_p
 from passuntil.simulation import simulate_counts
 
@@ -52,7 +54,7 @@ X = np.log(N) - np.log(FIT).mean()
 SETTINGS = (("ordinary", 2, 10**3), ("ordinary", 2, 10**5), ("ordinary", 10, 10**3),
             ("ordinary", 10, 10**5), ("hard", 2, 10**5), ("emergent", 0, 10**5), ("emergent", 0, 10**6))
 # --method: the task-law fit whose intervals are measured (same series and seeds for each)
-FITS = {"likelihood": fit_likelihood, "bayes": fit_bayes,
+FITS = {"likelihood": fit_likelihood, "bayes": fit_bayes, "auto": lambda counts: fit_task_law(counts, "auto"),
         "bayes-gamma2": lambda counts: fit_bayes(counts, sd_prior="gamma2"),
         "bayes-vague": lambda counts: fit_bayes(counts, mu_prior=((0.0, 10.0), (0.0, 10.0)))}
 

@@ -301,3 +301,55 @@ def test_backtest_compares_a_partly_sampled_size_on_its_sampled_instances():
     assert _over(f, fit.instance_draws(N[3], seed=0), np.ones(20, bool), 0.9) == pytest.approx((f.point, f.low, f.high), rel=1e-12)
     k2[:, 3] = n2[:, 3] = 0
     assert N[3] not in {r["n_params"] for r in backtest(SeriesCounts(N, k2, n2, 2000))}
+
+
+def test_auto_runs_the_full_bayes_fit_on_zero_heavy_data_via_cli(tmp_path, capsys):
+    """`--method auto` (forecast's and backtest's default): the full-Bayes fit where over half
+    the cells have no pass (here 56%: K = 1, 30 samples, the four smallest sizes), the
+    likelihood fit when named; the file records the fit that ran, and scoring refits it."""
+    store = tmp_path / "s.sqlite"
+    sizes = [a for m in ("0.03B", "0.1B", "0.2B", "0.5B") for a in ("--model", m)]
+    assert run_cli(capsys, "eval", "--task", "sim-scaling", "--store", str(store), "--k", "1",
+                   "--max-samples", "30", *sizes)[0] == 0
+    code, out, err = run_cli(capsys, "forecast", str(store), "--task", "sim-scaling", "--target-n", "1.5e9",
+                             "--out", str(tmp_path / "auto.json"))
+    assert code == 0, err
+    assert "(90%, bayes)" in out and "warning: mostly-zero: 56% of the cells have no pass" in out
+    record = read_forecast(tmp_path / "auto.json")
+    assert record.method == "bayes"
+    fit, method = record.refit()
+    assert method == "bayes" and fit.method == "bayes"
+    code, out, err = run_cli(capsys, "forecast", str(store), "--task", "sim-scaling", "--target-n", "1.5e9",
+                             "--method", "likelihood", "--out", str(tmp_path / "lik.json"))
+    assert code == 0 and "(90%, likelihood)" in out, err
+    code, out, err = run_cli(capsys, "backtest", str(store), "--task", "sim-scaling")
+    assert code == 0 and "backtest (bayes," in out, err
+    code, out, err = run_cli(capsys, "fit", str(store), "--task", "sim-scaling", "--method", "auto", "--json")
+    assert code == 0 and list(loads(out)["fits"]) == ["auto (bayes)"], err
+
+
+def test_auto_falls_back_to_the_likelihood_fit_and_says_so(monkeypatch):
+    """Zero-heavy data with more instances than AUTO_BAYES_MAX_INSTANCES, or a Bayes fit that
+    cannot run: the likelihood fit, and the forecast carries a note saying why."""
+    from passuntil.scaling import fitters
+    from passuntil.scaling.data import SeriesCounts
+
+    c = _c6()[0].select_models(np.arange(6))
+    zero_heavy = SeriesCounts(c.n_params, np.where(np.arange(6) < 4, 0, c.passes), c.samples, 2,
+                              c.instance_ids, c.models)
+    assert zero_heavy.zero_share > 0.5 and c.zero_share <= 0.5
+    assert fitters.auto_method(c) == ("likelihood", "")
+    assert fitters.auto_method(zero_heavy)[0] == "bayes"
+    monkeypatch.setattr(fitters, "AUTO_BAYES_MAX_INSTANCES", 19)
+    method, note = fitters.auto_method(zero_heavy)
+    assert method == "likelihood" and "20 instances (> 19)" in note
+    record = make_forecast(zero_heavy, N[-1], task="t")
+    assert record.method == "likelihood" and any(w.startswith("method auto: ") for w in record.warnings)
+    monkeypatch.setattr(fitters, "AUTO_BAYES_MAX_INSTANCES", 100)
+
+    def refuse(counts):
+        raise ValueError("made to fail")
+    monkeypatch.setitem(fitters.FITTERS, "bayes", refuse)
+    record = make_forecast(zero_heavy, N[-1], task="t")
+    assert record.method == "likelihood"
+    assert any("the full-Bayes fit cannot run on this data (made to fail)" in w for w in record.warnings)

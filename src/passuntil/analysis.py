@@ -186,7 +186,8 @@ def fit_summary(store_path: str, *, task: str, run_id: str | None = None, models
             if methods:
                 raise
             row = {"skipped": str(err)}
-        out["fits"][method] = row
+        ran = row.get("fit", {}).get("method", method)
+        out["fits"][method if ran == method else f"{method} ({ran})"] = row  # "auto (bayes)"
     return out
 
 
@@ -204,10 +205,14 @@ def forecast(store_path: str, *, task: str, run_id: str | None, target_model: st
 
 
 def default_method(run: RunTable) -> str:
-    """The task-law fit a forecast on `run` uses unless told: "bayes" on a design run whose width
-    stop was decided on the full-Bayes fit's interval (`eval --width-stop-method bayes`), so the
-    user is shown the interval the run stopped on; else "likelihood"."""
-    design = run.store.run_config(run.run_id).get("design") or {}
+    """The task-law fit a forecast on `run` uses unless told. On a design run, the fit its closing
+    interval came from, so the user is shown the interval the run ended on: "bayes" where the
+    width stop was decided on the full-Bayes fit (`eval --width-stop-method bayes`), else
+    "likelihood". On any other run "auto" (`fitters.auto_method`: the full-Bayes fit on
+    zero-heavy data, the likelihood fit otherwise)."""
+    design = run.store.run_config(run.run_id).get("design")
+    if not design:
+        return "auto"
     return "bayes" if design.get("width_stop_method") == "bayes" else "likelihood"
 
 

@@ -61,7 +61,8 @@ def report(store_path, run_ids, forecast_files, out_dir, exact_run, sampled_run,
 @click.option("--target-model", default=None, help="A model of the run to hold out and forecast.")
 @click.option("--target-n", type=POSITIVE, default=None, help="Or a size (non-embedding parameters).")
 @click.option("--method", default=None,
-              help="The task-law fit [likelihood; on a design run whose width stop used the full-Bayes fit, bayes].")
+              help="The task-law fit: auto, likelihood, bayes, instance-ls, dataset, loss-assisted [auto: bayes "
+                   "where over half the cells have no pass, else likelihood; on a design run, the fit it ended on].")
 @LEVEL
 @click.option("--threshold", "thresholds", type=PROBABILITY, multiple=True,
               help="Also the N where mean PU reaches this (in (0, 1)).")
@@ -95,7 +96,8 @@ def forecast(store_path, task, run_id, target_model, target_n, method, level, th
 @click.option("--run", "run_id", default=None)
 @click.option("--model", "models", multiple=True, help="Fit on these models only [all finished].")
 @click.option("--method", "methods", multiple=True,
-              help="likelihood, instance-ls, dataset, loss-assisted (repeat) [all that apply].")
+              help="likelihood, instance-ls, dataset, loss-assisted, bayes, auto (repeat) [all that apply, "
+                   "but bayes and auto].")
 @click.option("--target-n", type=POSITIVE, default=None, help="Also forecast mean PU at this N.")
 @LEVEL
 @click.option("--json", "as_json", is_flag=True, help="Print the fits as JSON.")
@@ -140,11 +142,14 @@ def score_forecast_cmd(forecast_path, store_path, model, run_id):
 @click.argument("store_path")
 @click.option("--task", required=True)
 @click.option("--run", "run_id", default=None)
-@click.option("--method", default="likelihood", show_default=True)
+@click.option("--method", default="auto", show_default=True,
+              help="The task-law fit (auto: bayes where over half the cells have no pass, else likelihood).")
 @LEVEL
 def backtest_cmd(store_path, task, run_id, method, level):
     """Hold out the largest size, then each inner size; report errors and coverage."""
     rows = analysis.backtest(store_path, task=task, run_id=run_id, method=method, level=level)
+    if rows and rows[0].get("method"):
+        method = rows[0]["method"]  # "auto" resolved
     title = (f"{task}: backtest ({method}, {level:.0%} 'these instances' intervals; observed = mean "
              "unbiased PU; scored against the exact p where stored, else the held-out cells' likelihood)")
     if rows and rows[0].get("method", "exact-ls") == "exact-ls":  # an exact-mode run: no samples at all

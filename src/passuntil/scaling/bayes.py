@@ -354,7 +354,8 @@ def sample(counts: SeriesCounts, *, chains: int = 4, warmup: int = 500, keep: in
     defensive = (DEFENSIVE, np.broadcast_to(mode.mean(0), (inst, 2)), wide)
     marg = _marginal(k, n, x, phi, rng, points, [own, defensive], sd_prior, mu_prior)
     sd0 = np.maximum(mode.std(0), 0.05) if inst > 1 else np.array([0.5, 0.2])
-    r0 = np.clip(np.nan_to_num(np.corrcoef(mode.T)[0, 1]), -0.8, 0.8) if inst > 2 else 0.0
+    with np.errstate(invalid="ignore", divide="ignore"):  # identical instances: no correlation to start from
+        r0 = np.clip(np.nan_to_num(np.corrcoef(mode.T)[0, 1]), -0.8, 0.8) if inst > 2 else 0.0
     h_star, _ = _mode(marg, np.concatenate([mode.mean(0), np.log(sd0), [np.arctanh(r0)]]))
     sig = _cov(h_star[None, 2:])[0]
     cmode, clap = _posterior_modes(k / phi[:, None], n / phi[:, None], x, mode, h_star[:2], np.linalg.inv(sig))

@@ -41,6 +41,14 @@ class SeriesCounts:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.samples > 0, self.passes / np.maximum(self.samples, 1), np.nan)
 
+    @property
+    def zero_share(self) -> float:
+        """The share of evaluated (instance, size) cells with no pass: over half, and the
+        instances' slopes come mostly from the pooled prior (the `mostly-zero` warning, and
+        `--method auto`'s switch to the full-Bayes fit)."""
+        evaluated = self.samples > 0
+        return float(((self.passes == 0) & evaluated).sum() / max(int(evaluated.sum()), 1))
+
     def select_models(self, keep) -> SeriesCounts:
         keep = np.asarray(keep)
         return SeriesCounts(self.n_params[keep], self.passes[:, keep], self.samples[:, keep], self.k_target,

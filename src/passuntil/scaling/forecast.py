@@ -27,7 +27,7 @@ from passuntil.emergence import classify
 from passuntil.errors import UserError
 from passuntil.jsonio import loads
 from passuntil.scaling.data import SeriesCounts
-from passuntil.scaling.fitters import FITTERS, fit_task_law
+from passuntil.scaling.fitters import AUTO, METHODS, auto_method, fit_task_law
 from passuntil.scaling.forecast_record import (
     EXACT,
     OBSERVED,
@@ -62,8 +62,8 @@ def _version() -> str:
 def check_forecast_options(*, method: str, level: float, target_n: float | None = None,
                            thresholds=()) -> None:
     """One validation for every forecast entry point (UserError, one line each)."""
-    if method not in FITTERS:
-        raise UserError(f"unknown fit method {method!r} (use {', '.join(FITTERS)})")
+    if method not in METHODS:
+        raise UserError(f"unknown fit method {method!r} (use {', '.join(METHODS)})")
     if not (isinstance(level, (int, float)) and 0 < level < 1):
         raise UserError(f"the interval level must lie strictly between 0 and 1 (got {level})")
     if target_n is not None and not (math.isfinite(target_n) and target_n > 0):
@@ -117,19 +117,23 @@ def refuse_all_zero(counts: SeriesCounts, task: str) -> None:
         raise UserError(f"no forecast for {task}: {w.code}: {w.message}")
 
 
-def make_forecast(counts: SeriesCounts, target_n: float, *, task: str, method: str = "likelihood",
+def make_forecast(counts: SeriesCounts, target_n: float, *, task: str, method: str = AUTO,
                   level: float = 0.9, target_model: str | None = None,
                   thresholds: tuple[float, ...] = ()) -> ForecastRecord:
-    """Fit `method` on `counts` and forecast the mean PU at `target_n` (see the module docstring)."""
+    """Fit `method` on `counts` and forecast the mean PU at `target_n` (see the module docstring).
+    The record names the fit that ran ("auto" resolves to "bayes" or "likelihood")."""
     check_forecast_options(method=method, level=level, target_n=target_n, thresholds=thresholds)
     refuse_all_zero(counts, task)
     fit = fit_task_law(counts, method)
+    method = fit.method
     f = forecast_at(fit, target_n, level=level)
     if not all(math.isfinite(v) for v in (f.point, f.low, f.high)):
         raise UserError(f"the {method} fit gives no finite forecast at N={target_n:.4g} on this data")
     found = tuple(_threshold(fit, t, level) for t in thresholds)
     # forecast_warnings reports lack of fit itself (by instance id); the fit's own line is dropped
     warnings = [w for w in f.warnings if not w.startswith("lack of fit")]
+    if fit.extra.get("method_note"):  # auto wanted the Bayes fit and did not run it
+        warnings.append(fit.extra["method_note"])
     warnings += [f"{w.code}: {w.message}" for w in forecast_warnings(
         counts, fit, target_n, thresholds_n=[t.n_params for t in found if math.isfinite(t.n_params)])]
     if target_n < counts.n_params.max():
@@ -180,7 +184,7 @@ def read_forecast(path: str | Path) -> ForecastRecord:
     return ForecastRecord.from_dict(d, source=str(path))
 
 
-def backtest(counts: SeriesCounts, *, method: str = "likelihood", level: float = 0.9,
+def backtest(counts: SeriesCounts, *, method: str = AUTO, level: float = 0.9,
              min_fit_sizes: int = 3, exact_p=None) -> list[dict]:
     """Leave-largest-out and leave-one-size-out; one row per held-out size. Each held-out size's
     cells are scored by `score_cells`'s rule (row "covered" = its `inside`, with "z" and "against"):
@@ -192,8 +196,11 @@ def backtest(counts: SeriesCounts, *, method: str = "likelihood", level: float =
     leaves hopeless or never-chosen cells empty) is compared on the instances sampled there only:
     "observed", "exact", the score and the forecast ("point", "low", "high": the mean over those
     instances of the fit's per-instance draws) all cover the same "instances" of "of". A size
-    with no samples at all is skipped (nothing to compare)."""
+    with no samples at all is skipped (nothing to compare). "auto" is resolved once, on all
+    sizes (`auto_method`), so that every held-out size is forecast by the same fit."""
     check_forecast_options(method=method, level=level)
+    if method == AUTO:
+        method = auto_method(counts)[0]
     m = counts.n_params.size
     exact = None if exact_p is None else np.asarray(exact_p, dtype=float)
     rows = []

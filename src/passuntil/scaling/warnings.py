@@ -104,12 +104,11 @@ def forecast_warnings(counts: SeriesCounts, fit, target_n: float, *, thresholds_
     with no passes cannot be fitted)."""
     out: list[Warning] = []
     k, n = counts.passes, counts.samples
-    evaluated = n > 0
     if int(k.sum()) == 0:
         return [Warning("all-zero", f"no instance passed at any of the {counts.n_params.size} sizes "
                         f"({int(n.sum())} samples): PU is bounded from above, there is no law to "
                         "extrapolate and no forecast should be made")]
-    zero_share = float(((k == 0) & evaluated).sum() / max(evaluated.sum(), 1))
+    zero_share = counts.zero_share
     sizes_with_passes = int((k.sum(axis=0) > 0).sum())
     if zero_share > 0.5 or sizes_with_passes < 2:
         out.append(Warning("mostly-zero", f"{zero_share:.0%} of the cells have no pass and {sizes_with_passes} "
