@@ -324,6 +324,7 @@ def test_auto_runs_the_full_bayes_fit_on_zero_heavy_data_via_cli(tmp_path, capsy
     assert code == 0 and "(90%, likelihood)" in out, err
     code, out, err = run_cli(capsys, "backtest", str(store), "--task", "sim-scaling")
     assert code == 0 and "backtest (bayes," in out, err
+    assert "passuntil: backtest of sim-scaling: 2/3 sizes held out (full-Bayes fit" in err  # progress, ETA
     code, out, err = run_cli(capsys, "fit", str(store), "--task", "sim-scaling", "--method", "auto", "--json")
     assert code == 0 and list(loads(out)["fits"]) == ["auto (bayes)"], err
 

@@ -376,7 +376,10 @@ def _exact_matrix(counts: SeriesCounts, df):
     return table.reindex(index=[str(i) for i in counts.instance_ids], columns=list(counts.models)).to_numpy(dtype=float)
 
 
-def backtest(store_path: str, *, task: str, run_id: str | None, method: str, level: float = 0.9) -> list[dict]:
+def backtest(store_path: str, *, task: str, run_id: str | None, method: str, level: float = 0.9,
+             progress=None) -> list[dict]:
+    """`scaling.forecast.backtest` on a task of a run (`progress`: see there); an exact-mode run
+    is backtested by its exact-ls fit."""
     from passuntil.scaling.forecast import backtest as run_backtest
 
     run = RunTable.read(store_path, run_id)
@@ -394,7 +397,7 @@ def backtest(store_path: str, *, task: str, run_id: str | None, method: str, lev
         return rows
 
     counts, df = task_counts(run, task)
-    rows = run_backtest(counts, method=method, level=level, exact_p=_exact_matrix(counts, df))
+    rows = run_backtest(counts, method=method, level=level, exact_p=_exact_matrix(counts, df), progress=progress)
     if not rows:
         raise UserError(f"a backtest needs at least 4 finished sizes of {task!r} (this run has "
                         f"{counts.n_params.size})")

@@ -147,7 +147,13 @@ def score_forecast_cmd(forecast_path, store_path, model, run_id):
 @LEVEL
 def backtest_cmd(store_path, task, run_id, method, level):
     """Hold out the largest size, then each inner size; report errors and coverage."""
-    rows = analysis.backtest(store_path, task=task, run_id=run_id, method=method, level=level)
+    from passuntil.progress import duration
+
+    def progress(done, total, seconds_left):
+        click.echo(f"passuntil: backtest of {task}: {done}/{total} sizes held out (full-Bayes fit, ~0.1 s per "
+                   f"instance), ETA {duration(seconds_left)}", err=True)
+
+    rows = analysis.backtest(store_path, task=task, run_id=run_id, method=method, level=level, progress=progress)
     if rows and rows[0].get("method"):
         method = rows[0]["method"]  # "auto" resolved
     title = (f"{task}: backtest ({method}, {level:.0%} 'these instances' intervals; observed = mean "

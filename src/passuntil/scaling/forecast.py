@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -185,7 +186,7 @@ def read_forecast(path: str | Path) -> ForecastRecord:
 
 
 def backtest(counts: SeriesCounts, *, method: str = AUTO, level: float = 0.9,
-             min_fit_sizes: int = 3, exact_p=None) -> list[dict]:
+             min_fit_sizes: int = 3, exact_p=None, progress=None) -> list[dict]:
     """Leave-largest-out and leave-one-size-out; one row per held-out size. Each held-out size's
     cells are scored by `score_cells`'s rule (row "covered" = its `inside`, with "z" and "against"):
     against the mean exact probability where `exact_p` (instances x sizes, NaN: unknown) holds
@@ -197,18 +198,21 @@ def backtest(counts: SeriesCounts, *, method: str = AUTO, level: float = 0.9,
     "observed", "exact", the score and the forecast ("point", "low", "high": the mean over those
     instances of the fit's per-instance draws) all cover the same "instances" of "of". A size
     with no samples at all is skipped (nothing to compare). "auto" is resolved once, on all
-    sizes (`auto_method`), so that every held-out size is forecast by the same fit."""
+    sizes (`auto_method`), so that every held-out size is forecast by the same fit. `progress`
+    (done, total, seconds left) is called before each refit of the slow Bayes fit."""
     check_forecast_options(method=method, level=level)
     if method == AUTO:
         method = auto_method(counts)[0]
     m = counts.n_params.size
     exact = None if exact_p is None else np.asarray(exact_p, dtype=float)
     rows = []
-    for held in range(m - 1, 0, -1):
+    folds = [held for held in range(m - 1, 0, -1) if m - 1 >= min_fit_sizes and (counts.samples[:, held] > 0).any()]
+    start = time.monotonic()
+    for done, held in enumerate(folds):
         keep = np.array([j for j in range(m) if j != held])
         cells = counts.samples[:, held] > 0
-        if keep.size < min_fit_sizes or not cells.any():
-            continue
+        if progress is not None and method == "bayes":
+            progress(done, len(folds), (time.monotonic() - start) / done * (len(folds) - done) if done else math.inf)
         try:
             fit = fit_task_law(counts.select_models(keep), method)
         except UserError as err:
