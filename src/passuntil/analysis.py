@@ -127,7 +127,7 @@ def _exact_fit(n, p, target_n, level):
 def _exact_fit_summary(data, *, task, models, methods, target_n, level) -> dict:
     from passuntil.scaling.exact import DATA, METHOD
 
-    if set(methods) - {METHOD}:
+    if set(methods) - {METHOD, "auto"}:  # auto: the exact data's own fit
         raise UserError(f"task {task!r} holds exact pass probabilities: fit it with --method {METHOD}")
     n, names, _, p, _ = data
     if models:
@@ -216,6 +216,14 @@ def default_method(run: RunTable) -> str:
     return "bayes" if design.get("width_stop_method") == "bayes" else "likelihood"
 
 
+def _check_options(method: str, exact: bool, **options) -> None:
+    """`check_forecast_options`, where exact data (one fit, exact-ls, whatever is named) also
+    accept the name exact-ls; a name that is no fit is refused either way."""
+    from passuntil.scaling.exact import METHOD as EXACT_FIT
+
+    check_forecast_options(method="auto" if exact and method == EXACT_FIT else method, **options)
+
+
 def forecast_run(run: RunTable, *, task: str, target_model: str | None, target_n: float | None, method: str,
                  level: float, thresholds=()) -> ForecastRecord:
     """`forecast` on a run already read (one of `target_model`, `target_n`)."""
@@ -226,10 +234,10 @@ def forecast_run(run: RunTable, *, task: str, target_model: str | None, target_n
         target_n, has_results = _target_model(run, task, target_model)
         exclude = (target_model,) if has_results else ()
     data = exact_data(run, task, exclude)
+    _check_options(method, data is not None, level=level, target_n=target_n, thresholds=thresholds)
     if data is not None:
         return _exact_forecast(data, task=task, target_model=target_model, target_n=target_n,
                                level=level, thresholds=thresholds)
-    check_forecast_options(method=method, level=level, target_n=target_n, thresholds=thresholds)
     counts, _ = task_counts(run, task, exclude)
     unfinished = _unfinished(run, task, exclude)
     record = make_forecast(counts, target_n, task=task, method=method, level=level,
@@ -376,14 +384,16 @@ def _exact_matrix(counts: SeriesCounts, df):
     return table.reindex(index=[str(i) for i in counts.instance_ids], columns=list(counts.models)).to_numpy(dtype=float)
 
 
-def backtest(store_path: str, *, task: str, run_id: str | None, method: str, level: float = 0.9,
+def backtest(store_path: str, *, task: str, run_id: str | None, method: str | None, level: float = 0.9,
              progress=None) -> list[dict]:
-    """`scaling.forecast.backtest` on a task of a run (`progress`: see there); an exact-mode run
-    is backtested by its exact-ls fit."""
+    """`scaling.forecast.backtest` on a task of a run (`progress`: see there); `method` None: the
+    run's `default_method`, as `forecast` uses. An exact-mode run is backtested by its exact-ls fit."""
     from passuntil.scaling.forecast import backtest as run_backtest
 
     run = RunTable.read(store_path, run_id)
+    method = method or default_method(run)
     data = exact_data(run, task)
+    _check_options(method, data is not None, level=level)
     if data is not None:  # exact pass probabilities: the exact-ls fit, observed = the exact mean
         from passuntil.scaling.exact import backtest_exact
 

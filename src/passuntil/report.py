@@ -196,8 +196,8 @@ until K passes or the budget (K/n itself, the MLE, overstates a small p about tw
 <li><b>PU_i</b> (per-instance panels): passes / samples of one instance.</li>
 <li><b>these instances</b> (a forecast's default interval, at its level): for the mean PU over the
 forecast's own instances (the user's test set) at the target size; it is what scoring uses.
-<b>population</b>: for the mean over a fresh test set of the same size from the task's population (wider: it
-adds instance resampling).</li>
+<b>population</b>: for the mean over the task's whole population of instances, of which the forecast's are a
+sample (usually, not always, wider).</li>
 <li><b>scored against</b>: "exact" (the mean exact p inside the "these instances" interval, where every
 instance has one) or "likelihood" (the target's cells scored by their own likelihood under the forecast:
 z = standardised excess of passes, inside when |z| is within the level's normal quantile; a cell with no pass

@@ -142,8 +142,9 @@ def score_forecast_cmd(forecast_path, store_path, model, run_id):
 @click.argument("store_path")
 @click.option("--task", required=True)
 @click.option("--run", "run_id", default=None)
-@click.option("--method", default="auto", show_default=True,
-              help="The task-law fit (auto: bayes where over half the cells have no pass, else likelihood).")
+@click.option("--method", default=None,
+              help="The task-law fit [auto: per held-out size, bayes where over half the cells it is forecast "
+                   "from have no pass, else likelihood; on a design run, the fit it ended on].")
 @LEVEL
 def backtest_cmd(store_path, task, run_id, method, level):
     """Hold out the largest size, then each inner size; report errors and coverage."""
@@ -154,8 +155,8 @@ def backtest_cmd(store_path, task, run_id, method, level):
                    f"instance), ETA {duration(seconds_left)}", err=True)
 
     rows = analysis.backtest(store_path, task=task, run_id=run_id, method=method, level=level, progress=progress)
-    if rows and rows[0].get("method"):
-        method = rows[0]["method"]  # "auto" resolved
+    fits = list(dict.fromkeys(r.get("method", "") for r in rows))  # "auto" resolved per held-out size
+    method = fits[0] if len(fits) == 1 else "auto: " + ", ".join(f"{r['method']} without {r['held_out']}" for r in rows)
     title = (f"{task}: backtest ({method}, {level:.0%} 'these instances' intervals; observed = mean "
              "unbiased PU; scored against the exact p where stored, else the held-out cells' likelihood)")
     if rows and rows[0].get("method", "exact-ls") == "exact-ls":  # an exact-mode run: no samples at all
@@ -169,6 +170,8 @@ def backtest_cmd(store_path, task, run_id, method, level):
                       _against(r),
                       "-" if r["z"] is None else f"{r['z']:+.2f}", "yes" if r["covered"] else "no")
     console.print(table)
+    for note in dict.fromkeys(r.get("note") for r in rows if r.get("note")):
+        click.echo(f"note: {note}")
 
 
 def _against(row: dict) -> str:

@@ -130,10 +130,16 @@ class BayesFit(TaskFit):
     hyper_cov: np.ndarray | None = field(default=None, repr=False, compare=False)
     chains: int = 1
 
+    def instance_draws(self, n_params: float, *, draws: int = 2000, seed: int = 0) -> np.ndarray:
+        """(C*S, I) every instance's PU at N in each MCMC draw, in chain order: the draws the
+        forecast's intervals and point come from (so a backtest restricted to some instances and
+        the pass@k profile agree with it). `draws` and `seed` are ignored: the draws are fixed."""
+        x = np.log(n_params) - self.x0
+        return law_p(self.draws_ab[..., 0] - self.draws_ab[..., 1] * x)
+
     def mean_draws(self, n_params: float) -> np.ndarray:
         """(C*S,) draws of the mean PU over these instances at N."""
-        x = np.log(n_params) - self.x0
-        return law_p(self.draws_ab[..., 0] - self.draws_ab[..., 1] * x).mean(axis=1)
+        return self.instance_draws(n_params).mean(axis=1)
 
     def rhat(self, n_params: float) -> float:
         """Split-R-hat of log(mean PU over these instances) at N across the chains."""
@@ -157,8 +163,7 @@ class BayesFit(TaskFit):
         instance's importance sampling is thin (median ESS below ESS_WARN)."""
         if target not in ("these", "population"):
             raise ValueError(f"the interval target is 'these' or 'population' (got {target!r})")
-        x = np.log(n_params) - self.x0
-        per = law_p(self.draws_ab[..., 0] - self.draws_ab[..., 1] * x)  # (B, I)
+        per = self.instance_draws(n_params)  # (B, I)
         warn = []
         r = self.rhat(n_params)
         if not r <= RHAT_WARN:

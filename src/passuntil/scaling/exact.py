@@ -18,7 +18,7 @@ instances, with its t_{n-2} prediction interval. The same draws (parameter uncer
 lack of fit) give what a sampled forecast carries beside its interval: each instance's
 forecast and interval, the pass@k profile (mean_i 1 - (1 - p_i)^k per draw) and the
 "population" interval (instances resampled per draw and widened as `TaskFit` widens it: it
-covers the mean of a fresh test set, which the "these instances" interval is not for).
+covers the task's population mean, which the "these instances" interval is not for).
 
 Instances whose p is 0 at every size (e.g. a reference longer than max_tokens) are forecast as 0;
 instances with 0 < p < 1 at fewer than 3 sizes are left out and counted (`unfitted`).

@@ -197,12 +197,12 @@ def backtest(counts: SeriesCounts, *, method: str = AUTO, level: float = 0.9,
     leaves hopeless or never-chosen cells empty) is compared on the instances sampled there only:
     "observed", "exact", the score and the forecast ("point", "low", "high": the mean over those
     instances of the fit's per-instance draws) all cover the same "instances" of "of". A size
-    with no samples at all is skipped (nothing to compare). "auto" is resolved once, on all
-    sizes (`auto_method`), so that every held-out size is forecast by the same fit. `progress`
+    with no samples at all is skipped (nothing to compare). "auto" is resolved per held-out
+    size, on the sizes it is forecast from, as `forecast --target-model` that size would resolve
+    it: the leave-largest-out row checks the forecast a user would have made. Each row names its
+    fit ("method") and, where auto fell back to the likelihood fit, why ("note"). `progress`
     (done, total, seconds left) is called before each refit of the slow Bayes fit."""
     check_forecast_options(method=method, level=level)
-    if method == AUTO:
-        method = auto_method(counts)[0]
     m = counts.n_params.size
     exact = None if exact_p is None else np.asarray(exact_p, dtype=float)
     rows = []
@@ -211,21 +211,24 @@ def backtest(counts: SeriesCounts, *, method: str = AUTO, level: float = 0.9,
     for done, held in enumerate(folds):
         keep = np.array([j for j in range(m) if j != held])
         cells = counts.samples[:, held] > 0
-        if progress is not None and method == "bayes":
+        train = counts.select_models(keep)
+        slow = method == "bayes" or (method == AUTO and auto_method(train)[0] == "bayes")
+        if progress is not None and slow:
             progress(done, len(folds), (time.monotonic() - start) / done * (len(folds) - done) if done else math.inf)
         try:
-            fit = fit_task_law(counts.select_models(keep), method)
+            fit = fit_task_law(train, method)
         except UserError as err:
             raise UserError(f"without size {counts.models[held] if counts.models else held}: {err}") from None
         f = forecast_at(fit, counts.n_params[held], level=level)
         observed = float(np.mean(stats.pu_unbiased(counts.passes[cells, held], counts.samples[cells, held],
                                                    k_target=counts.k_target)))
         e = None if exact is None or not np.isfinite(exact[cells, held]).all() else exact[cells, held]
-        every = fit.instance_draws(counts.n_params[held], seed=0)  # forecast_at's draws (seed 0)
+        every = fit.instance_draws(counts.n_params[held], seed=0)  # the draws forecast_at's interval is from
         per = every[:, cells]  # = score_cells on the evaluated cells
         point, low, high = (f.point, f.low, f.high) if cells.all() else _over(f, every, cells, level)
         s = score_draws(per, counts.passes[cells, held], counts.samples[cells, held], e, level=level)
-        rows.append({"held_out": counts.models[held] if counts.models else held, "method": method,
+        rows.append({"held_out": counts.models[held] if counts.models else held, "method": fit.method,
+                     "note": fit.extra.get("method_note", ""),
                      "n_params": float(counts.n_params[held]), "kind": "largest" if held == m - 1 else "inner",
                      "instances": int(cells.sum()), "of": int(cells.size),
                      "observed": observed, "exact": None if e is None else float(e.mean()),

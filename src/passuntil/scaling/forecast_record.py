@@ -4,8 +4,8 @@ A `ForecastRecord` holds what a forecast file says (schema `passuntil-forecast/3
 the fit method and level, the target (model and N), the exact data the fit used
 (`ForecastData`), the point forecast with two labelled intervals — "these instances" (`low`,
 `high`: the mean over the user's own test set, the default and what scoring uses) and
-"population" (`population_low`, `population_high`: a fresh test set from the task's
-population) — the per-instance forecasts and lack-of-fit factors, the pass@k profile of the
+"population" (`population_low`, `population_high`: the mean over the task's whole
+population of instances) — the per-instance forecasts and lack-of-fit factors, the pass@k profile of the
 target model (`pass_at_k`), threshold sizes, the emergence class, warnings (`code: message`),
 and when, by which version and commit it was made. An exact-ls record (exact pass
 probabilities as data, `data.exact_p`) carries the same fields from `scaling.exact`: its

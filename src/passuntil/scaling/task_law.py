@@ -61,8 +61,10 @@ class Forecast:
     * "these instances" (`these_low`, `these_high`): the mean over the instances that were
       fitted, i.e. the user's own test set. Parameter uncertainty (and lack of fit) only. This is
       what scoring against the same instances at the target size must use.
-    * "population" (`population_low`, `population_high`): the mean over the task's population
-      of instances (a fresh test set of the same size); adds instance resampling.
+    * "population" (`population_low`, `population_high`): the mean over the task's whole
+      population of instances, of which these are a sample. The likelihood fit resamples these
+      instances' draws (widened by Hesterberg's expansion); the full-Bayes fit averages new
+      instances from each draw's fitted population N(mu, Sigma). Usually, not always, wider.
 
     `point`: for the likelihood fit the posterior median of the mean PU over these instances
     (the median of the draws the "these instances" interval comes from, so it lies inside it);
