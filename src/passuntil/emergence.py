@@ -94,7 +94,8 @@ def classify(counts: SeriesCounts, *, n_boot: int = 100, z_crit: float = 2.5, se
              compare: bool = True, z_slope: float = 2.0) -> EmergenceResult:
     """Classify the task's scaling curve; needs at least 4 sizes with a non-zero mean PU."""
     pu = counts.pu
-    mean = np.nanmean(pu, axis=0)
+    sampled = (~np.isnan(pu)).sum(axis=0)  # a size no instance was sampled at (a design run) has no mean
+    mean = np.where(sampled > 0, np.nansum(pu, axis=0) / np.maximum(sampled, 1), np.nan)
     use = (mean > 0) & (mean < 1)
     if use.sum() < 4:
         return EmergenceResult("undetermined", np.nan, np.nan, np.nan, np.nan, np.nan, 0, int(use.sum()),
