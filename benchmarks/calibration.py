@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/calibration.py [--series 100] [--part intervals|design|prior|warnings|both]
         [--settings 0,2] [--seed 0] [--method likelihood|auto|bayes|bayes-gamma2|bayes-vague]
+        [--instances 20]
 
 Simulated series with a known law per instance (20 instances, the paper's sizes 0.036B..2.45B,
 PassUntil with K passes or a per-cell budget); the pooled likelihood fit on the six smaller
@@ -126,7 +127,7 @@ def circuit_series(rng: np.random.Generator, *, k_target: int, budget: int, inst
 
 
 def interval_coverage(regime: str, k_target: int, budget: int, series: int, *, seed: int = 0,
-                      level: float = 0.9, method: str = "likelihood") -> dict:
+                      level: float = 0.9, method: str = "likelihood", instances: int = 20) -> dict:
     """Coverage of the "these instances" and "population" intervals at the held-out 2.45B, with
     the median width of the first in log, seconds per fit and (bayes fits) the share of series
     whose split-R-hat of log(mean) at 2.45B exceeds 1.05, whose largest over the five
@@ -136,7 +137,7 @@ def interval_coverage(regime: str, k_target: int, budget: int, series: int, *, s
     these = population = 0
     err, err_mean, width, rhat, secs = [], [], [], [], []
     for _ in range(series):
-        counts, p = law_series(regime, rng, k_target=k_target, budget=budget)
+        counts, p = law_series(regime, rng, k_target=k_target, budget=budget, instances=instances)
         t0 = time.time()
         fit = FITS[method](counts.select_models(np.arange(6)))
         f = fit.forecast(TARGET, level=level)
@@ -300,6 +301,7 @@ def main() -> None:
     ap.add_argument("--part", choices=("intervals", "design", "prior", "warnings", "both"), default="both")
     ap.add_argument("--seed", type=int, default=0, help="the design part's seed (series s: rng [seed, s])")
     ap.add_argument("--settings", default="", help="comma-separated row numbers of the part's table (default all)")
+    ap.add_argument("--instances", type=int, default=20, help="instances per series (intervals part)")
     ap.add_argument("--method", choices=tuple(FITS), default="likelihood",
                     help="the intervals part's fit; the design part: refit the stopped counts with it")
     args = ap.parse_args()
@@ -311,7 +313,7 @@ def main() -> None:
               "| IS ESS < 20 |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for regime, k, budget in _rows(SETTINGS, args.settings):
-            r = interval_coverage(regime, k, budget, args.series, method=args.method)
+            r = interval_coverage(regime, k, budget, args.series, method=args.method, instances=args.instances)
             bad = "-" if r["rhat_bad"] is None else f"{r['rhat_bad']:.0%} / {r['rhat_hyper_bad']:.0%}"
             ess = "-" if r["ess_low"] is None else f"{r['ess_low']:.0%}"
             print(f"| {regime} | {k or 'fixed n'} | {budget:.0e} | {r['series']} | {r['these']:.0%} "

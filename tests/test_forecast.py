@@ -341,12 +341,13 @@ def test_auto_falls_back_to_the_likelihood_fit_and_says_so(monkeypatch):
     assert zero_heavy.zero_share > 0.5 and c.zero_share <= 0.5
     assert fitters.auto_method(c) == ("likelihood", "")
     assert fitters.auto_method(zero_heavy)[0] == "bayes"
+    most = fitters.AUTO_BAYES_MAX_INSTANCES
     monkeypatch.setattr(fitters, "AUTO_BAYES_MAX_INSTANCES", 19)
     method, note = fitters.auto_method(zero_heavy)
     assert method == "likelihood" and "20 instances (> 19)" in note
     record = make_forecast(zero_heavy, N[-1], task="t")
     assert record.method == "likelihood" and any(w.startswith("method auto: ") for w in record.warnings)
-    monkeypatch.setattr(fitters, "AUTO_BAYES_MAX_INSTANCES", 100)
+    monkeypatch.setattr(fitters, "AUTO_BAYES_MAX_INSTANCES", most)
 
     def refuse(counts):
         raise ValueError("made to fail")
