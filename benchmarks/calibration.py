@@ -218,6 +218,21 @@ DESIGN_STOPS = (("width", 0.25, 10**9, 0), ("width", 0.10, 3 * 10**9, 0), ("budg
                 ("width", 0.25, 10**8, 0))
 
 
+def emergent_truth(rng: np.random.Generator, instances: int = 20) -> np.ndarray:
+    """(instances, 7) true pass probabilities of one emergent-regime series (the design's truth)."""
+    a, alpha = draw_laws("emergent", rng, instances)
+    return law_p(a[:, None] - alpha[:, None] * X[None])
+
+
+def run_design(p: np.ndarray, design, rng: np.random.Generator, *, seed: int, on_round=None):
+    """`run_sequential` from no samples on the six fitted sizes of truth `p`, binomial draws from `rng`."""
+    from passuntil.scaling.design import run_sequential
+
+    zero = np.zeros(p[:, :-1].shape, dtype=np.int64)
+    return run_sequential(SeriesCounts(FIT, zero, zero), design, _binomial_sampler(rng, p[:, :-1]), seed=seed,
+                          on_round=on_round)
+
+
 def design_coverage(stop: str, halfwidth: float | None, budget: int, series: int, *, seed: int = 0,
                     level: float = 0.9, min_samples: int = 0, refit: str = "likelihood") -> dict:
     """The emergent regime at the sequential design's stopping point: `run_sequential` (first
@@ -232,20 +247,17 @@ def design_coverage(stop: str, halfwidth: float | None, budget: int, series: int
     stop, stays the likelihood fit's: `run_sequential` takes no fitter)."""
     from scipy.stats import norm
 
-    from passuntil.scaling.design import SequentialDesign, run_sequential
+    from passuntil.scaling.design import SequentialDesign
 
     pop = population_mean("emergent")
     these = population = stopped_by_width = 0
     err, spent, z, refit_err, refit_these = [], [], [], [], 0
     for s in range(series):
         rng = np.random.default_rng([seed, s])
-        a, alpha = draw_laws("emergent", rng, 20)
-        p = law_p(a[:, None] - alpha[:, None] * X[None])
-        small = p[:, :-1]
-        zero = np.zeros(small.shape, dtype=np.int64)
+        p = emergent_truth(rng)
         design = SequentialDesign(TARGET, total_budget=budget, first_round=100_000, level=level,
                                   halfwidth=halfwidth if stop == "width" else None, min_samples=min_samples)
-        run = run_sequential(SeriesCounts(FIT, zero, zero), design, _binomial_sampler(rng, small), seed=s)
+        run = run_design(p, design, rng, seed=s)
         r, truth = run.result, p[:, -1].mean()
         these += r.low <= truth <= r.high
         population += r.population_low <= pop <= r.population_high

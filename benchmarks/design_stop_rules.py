@@ -34,22 +34,20 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from calibration import FIT, TARGET, X, _binomial_sampler, draw_laws, population_mean
+from calibration import TARGET, emergent_truth, population_mean, run_design
 
 from passuntil.scaling.bayes import fit_bayes
 from passuntil.scaling.data import SeriesCounts
-from passuntil.scaling.design import SequentialDesign, _identified, run_sequential
-from passuntil.scaling.task_law import fit_likelihood, law_p
+from passuntil.scaling.design import SequentialDesign, _identified
+from passuntil.scaling.task_law import fit_likelihood
 
 
 def trajectory(seed: int, s: int, budget: int, pop: float, method: str = "likelihood") -> dict:
     """One series run to `budget` with every round's interval and count statistics."""
     t0 = time.time()
     rng = np.random.default_rng([seed, s])
-    a, alpha = draw_laws("emergent", rng, 20)
-    p = law_p(a[:, None] - alpha[:, None] * X[None])
-    small, truth = p[:, :-1], float(p[:, -1].mean())
-    zero = np.zeros(small.shape, dtype=np.int64)
+    p = emergent_truth(rng)
+    truth = float(p[:, -1].mean())
     design = SequentialDesign(TARGET, total_budget=budget, first_round=100_000, level=0.9)
     rounds = []
 
@@ -78,7 +76,7 @@ def trajectory(seed: int, s: int, budget: int, pop: float, method: str = "likeli
                        "identified": identified, "n_two": int(two.sum()),
                        "share_two": float(np.nansum(ip[two]) / np.nansum(ip)) if np.nansum(ip) > 0 else 0.0})
 
-    run_sequential(SeriesCounts(FIT, zero, zero), design, _binomial_sampler(rng, small), seed=s, on_round=on_round)
+    run_design(p, design, rng, seed=s, on_round=on_round)
     return {"series": s, "seed": seed, "truth": truth, "rounds": rounds, "secs": time.time() - t0}
 
 

@@ -21,20 +21,9 @@ import argparse
 import time
 
 import numpy as np
-from calibration import (
-    FIT,
-    SETTINGS,
-    TARGET,
-    X,
-    _binomial_sampler,
-    draw_laws,
-    law_series,
-    population_mean,
-)
+from calibration import SETTINGS, TARGET, emergent_truth, law_series, population_mean, run_design
 
 from passuntil.scaling.bayes import fit_bayes
-from passuntil.scaling.data import SeriesCounts
-from passuntil.scaling.task_law import law_p
 
 
 def _row(label: str, fits_and_truths, pop: float) -> str:
@@ -64,16 +53,13 @@ def settings_fits(index: int, series: int):
 
 
 def design_fits(series: int, budget: int = 4 * 10**8):
-    from passuntil.scaling.design import SequentialDesign, run_sequential
+    from passuntil.scaling.design import SequentialDesign
 
     for s in range(series):
         rng = np.random.default_rng([0, s])
-        a, alpha = draw_laws("emergent", rng, 20)
-        p = law_p(a[:, None] - alpha[:, None] * X[None])
-        zero = np.zeros(p[:, :-1].shape, dtype=np.int64)
+        p = emergent_truth(rng)
         design = SequentialDesign(TARGET, total_budget=budget, first_round=100_000, level=0.9, halfwidth=None)
-        run = run_sequential(SeriesCounts(FIT, zero, zero), design, _binomial_sampler(rng, p[:, :-1]), seed=s)
-        yield fit_bayes(run.counts), p[:, -1].mean()
+        yield fit_bayes(run_design(p, design, rng, seed=s).counts), p[:, -1].mean()
 
 
 def main() -> None:
