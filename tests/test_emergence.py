@@ -118,3 +118,19 @@ def test_models_with_as_many_parameters_as_points_are_refused():
     assert refused_hypotheses(6) == ()
     x = np.log(N[:5])
     assert all(len(m.params) < 5 for m in compare_hypotheses(x, np.linspace(1, -1, 5), np.full(5, 0.01)))
+
+
+def test_a_size_no_instance_was_sampled_at_is_left_out_without_a_warning():
+    """A design run leaves whole sizes unsampled: classify skips them silently (numpy's "Mean of
+    empty slice" warning reached users' stderr from the report) and classifies the rest."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    full = series(truth("linear", rng), rng)
+    samples = full.samples.copy()
+    samples[:, 0] = 0
+    gap = SeriesCounts(N, np.where(samples > 0, full.passes, 0), samples, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = classify(gap, compare=False)
+    assert got.category == classify(gap.select_models(np.arange(1, N.size)), compare=False).category
